@@ -1,0 +1,214 @@
+"""Command line: `python -m backend prune ...` and `python -m backend ppl ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+USAGE_ERRORS = (ValueError, FileNotFoundError)
+
+
+def parse_fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity {text!r} is not a number: use a fraction in [0, 1), such as 0.5")
+
+
+def common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="folder with local data files (default: $PRUNESCOPE_DATA_DIR)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, bfloat16, float16")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model (off by default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage dump) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m backend", description="PruneScope: prune causal LMs and measure what it does.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    prune = sub.add_parser("prune", help="prune a model layer by layer and save it")
+    prune.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), a hub id, or a local folder")
+    prune.add_argument("--method", required=True, help="magnitude, wanda or sparsegpt")
+    prune.add_argument("--sparsity", type=parse_fraction, required=True, help="fraction of weights to remove, in [0, 1)")
+    prune.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4, 4:8")
+    prune.add_argument("--calibration", default="c4", help="c4, c4-validation, alpaca, unnatural, wikitext2, self, "
+                                                           "a .jsonl/.json/.txt/.parquet file, or saved ids (.pt)")
+    prune.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    prune.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, capped by nothing: "
+                                                                "beyond the model's context is an error)")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--template", default="alpaca", help="prompt template for instruction records: alpaca or chat")
+    prune.add_argument("--order", default="sequential", help="sequential (one pass per layer) or reference (two passes)")
+    prune.add_argument("--per-row", action="store_true", help="magnitude: one threshold per row instead of per matrix")
+    prune.add_argument("--include", action="append", help="fnmatch pattern of Linear names inside a layer to prune "
+                                                          "(repeatable; default all), e.g. 'mlp.*'")
+    prune.add_argument("--exclude", action="append", help="fnmatch pattern of Linear names to leave dense (repeatable)")
+    prune.add_argument("--batch-size", type=int, help="calibration windows per forward (default: all that fit)")
+    prune.add_argument("--error-tokens", type=int, default=512, help="calibration tokens sampled to measure each "
+                                                                     "Linear's reconstruction error (default 512)")
+    prune.add_argument("--offload", action="store_true", help="keep the model on the CPU and move one layer at a "
+                                                              "time to --device")
+    prune.add_argument("--save", required=True, help="folder to write the pruned Hugging Face model into")
+    common(prune)
+
+    ppl = sub.add_parser("ppl", help="perplexity with the SparseGPT/Wanda protocol")
+    ppl.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub id, or a (pruned) local folder")
+    ppl.add_argument("--data", default="wikitext2", help="wikitext2, c4-validation, c4, or a local text file")
+    ppl.add_argument("--seqlen", type=int, default=512)
+    ppl.add_argument("--windows", type=int, default=40, help="first N windows (0 = all)")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    common(ppl)
+    return parser
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, unit="layer", dynamic_ncols=True, leave=False)
+
+
+def cmd_prune(args: argparse.Namespace) -> dict:
+    from backend import models
+    from backend.calibrate import build_calibration, open_source
+    from backend.export import save_pruned
+    from compression.driver import ORDERS, peak_rss_mb, prune_model
+    from compression.masks import check_sparsity, parse_pattern
+    from compression.methods import create
+
+    pattern = parse_pattern(args.pattern)
+    check_sparsity(args.sparsity, pattern)
+    options = {"per_row": True} if args.per_row else {}
+    if args.per_row and args.method != "magnitude":
+        raise ValueError(f"--per-row applies to magnitude only, not {args.method!r}")
+    method = create(args.method, sparsity=args.sparsity, pattern=pattern, **options)
+    if args.order not in ORDERS:
+        raise ValueError(f"order {args.order!r} is not allowed: use one of {', '.join(ORDERS)}")
+    for name, value in (("--batch-size", args.batch_size), ("--error-tokens", args.error_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} {value} is not allowed: use a positive integer")
+    if args.template not in ("alpaca", "chat"):
+        raise ValueError(f"template {args.template!r} is not allowed for calibration: use alpaca or chat")
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+    source = open_source(args.calibration, args.data_dir)
+    t = time.perf_counter()
+    lm = models.load(args.model, args.device, args.dtype, args.trust_remote_code, log=models.stderr_log)
+    stages["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    calibration = build_calibration(source, lm.model, lm.tokenizer, args.nsamples, args.seqlen, args.seed,
+                                    args.template)
+    stages["calibration"] = time.perf_counter() - t
+    bar = progress_bar(0, f"{args.method} {args.sparsity:g}")
+
+    def on_progress(event) -> None:
+        if event.stage == "layer":
+            bar.total = event.layers
+            bar.update(1)
+        else:
+            bar.set_postfix_str(f"layer {event.layer}/{event.layers} {event.module}")
+
+    compute = lm.device if args.offload else None
+    if args.offload:
+        lm.model.to("cpu")
+    report = prune_model(lm.model, calibration, method, order=args.order, include=args.include, exclude=args.exclude,
+                         batch_size=args.batch_size, error_tokens=args.error_tokens, device=compute,
+                         offload=args.offload, progress=on_progress)
+    bar.close()
+    if not report.layers:
+        raise ValueError(f"no Linear layer matched --include {args.include} --exclude {args.exclude}")
+    stages.update(report.stages)
+    spec = {"model": args.model, "model_path": lm.path, "method": args.method, "sparsity": args.sparsity,
+            "pattern": str(pattern), "calibration": args.calibration, "nsamples": args.nsamples,
+            "seqlen": args.seqlen, "seed": args.seed, "template": args.template, "order": args.order,
+            "per_row": args.per_row, "include": args.include, "exclude": args.exclude,
+            "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
+    t = time.perf_counter()
+    save_path = save_pruned(lm.model, lm.tokenizer, args.save, {"spec": spec, "report": report.to_dict()})
+    stages["save"] = time.perf_counter() - t
+    return {"spec": spec, "seconds": time.perf_counter() - started, "stages": stages,
+            "peak_rss_mb": peak_rss_mb(), "peak_device_mb": report.peak_device_mb, "save_path": str(save_path),
+            "overall_sparsity": report.overall_sparsity, "batch_size": report.batch_size,
+            "error_tokens": report.error_tokens,
+            "layers": [{"name": r.name, "layer": r.layer, "module": r.module, "sparsity": r.sparsity, "rel_error": r.rel_error, "seconds": r.seconds,
+                        "shape": list(r.shape), "tokens": r.tokens, **({"note": r.note} if r.note else {})}
+                       for r in report.layers]}
+
+
+def cmd_ppl(args: argparse.Namespace) -> dict:
+    from backend import models
+    from backend.data import load_source
+    from metrics.perplexity import perplexity
+    from metrics.prompts import full_text_renderer
+
+    if args.windows < 0:
+        raise ValueError(f"--windows {args.windows} is not allowed: use 0 (all) or a positive number")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} is not allowed: use a positive integer")
+    dataset = load_source(args.data, args.data_dir)
+    texts = dataset.items if dataset.kind == "texts" else [full_text_renderer("alpaca")(r) for r in dataset.items]
+    lm = models.load(args.model, args.device, args.dtype, args.trust_remote_code, log=models.stderr_log)
+    from compression.calibration import check_shape, model_context
+    check_shape(1, args.seqlen, model_context(lm.model.config))
+    bar = progress_bar(0, "perplexity")
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    result = perplexity(lm.model, lm.tokenizer, texts, args.seqlen, args.windows or None, args.batch_size,
+                        source=f"{args.data} ({dataset.origin})", progress=on_progress)
+    bar.close()
+    return {"model": args.model, **result.to_dict(), "tokens_per_s": result.windows * result.seqlen / result.seconds}
+
+
+def print_prune_table(result: dict) -> None:
+    """Per decoder layer: reconstruction error (sparsity) of each module, then totals."""
+    rows: dict[int, dict[str, dict]] = {}
+    for layer in result["layers"]:
+        rows.setdefault(layer["layer"], {})[layer["module"]] = layer
+    modules = list(dict.fromkeys(m for cells in rows.values() for m in cells))
+    width = max(15, *(len(m) for m in modules)) + 2
+    print("relative reconstruction error per Linear (achieved sparsity)")
+    print(f"{'layer':>5}" + "".join(f"{m:>{width}}" for m in modules))
+    for index, cells in rows.items():
+        text = (f"{cells[m]['rel_error']:.4f} ({cells[m]['sparsity']:.3f})" if m in cells else "-" for m in modules)
+        print(f"{index:>5}" + "".join(f"{t:>{width}}" for t in text))
+    stages = "  ".join(f"{k} {v:.1f}s" for k, v in result["stages"].items())
+    print(f"\noverall sparsity {result['overall_sparsity']:.4f} | {result['seconds']:.1f} s total | "
+          f"peak RSS {result['peak_rss_mb']:.0f} MB | saved to {result['save_path']}")
+    print(f"stages: {stages}")
+
+
+def print_ppl(result: dict) -> None:
+    print(f"perplexity {result['ppl']:.4f}  ({result['source']}, seqlen {result['seqlen']}, {result['windows']} of "
+          f"{result['windows_available']} windows, {result['scored_tokens']} scored tokens, "
+          f"{result['seconds']:.1f} s, {result['tokens_per_s']:.0f} tokens/s)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"prune": (cmd_prune, print_prune_table), "ppl": (cmd_ppl, print_ppl)}
+    run, show = commands[args.command]
+    try:
+        result = run(args)
+    except USAGE_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        show(result)
+    return 0

@@ -1,0 +1,82 @@
+"""Sparsity patterns and exact, deterministic selection of the weights to remove."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Unstructured (n = m = 0) or N:M (remove n of every m consecutive input weights of a row)."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else "unstructured"
+
+
+def parse_pattern(text: str) -> Pattern:
+    """'unstructured', or 'N:M' with 0 < N < M."""
+    if text == "unstructured":
+        return Pattern()
+    match = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    if not match:
+        raise ValueError(f"pattern {text!r} is not allowed: use unstructured or N:M such as 2:4 or 4:8")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise ValueError(f"pattern {text!r} is not allowed: N:M needs 0 < N < M (for example 2:4)")
+    return Pattern(n, m)
+
+
+def check_sparsity(sparsity: float, pattern: Pattern) -> float:
+    """Sparsity in [0, 1); for N:M it must equal N/M."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity {sparsity} is not allowed: use a fraction in [0, 1), such as 0.5")
+    if pattern.structured and abs(sparsity - pattern.n / pattern.m) > 1e-9:
+        raise ValueError(f"sparsity {sparsity} does not match pattern {pattern}, which removes "
+                         f"{pattern.n / pattern.m:g} of the weights")
+    return sparsity
+
+
+def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k lowest entries of each row of `score` (last dim), ties broken by position, so the
+    result equals taking the first k indices of a stable ascending sort, in O(n)."""
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= score.shape[-1]:
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = score.kthvalue(k, dim=-1, keepdim=True).values
+    mask = score <= kth
+    excess = mask.sum(-1) > k
+    if excess.any():
+        rows, kth_rows = score[excess], kth[excess]
+        ties = rows == kth_rows
+        need = k - (rows < kth_rows).sum(-1, keepdim=True)
+        mask[excess] = (rows < kth_rows) | (ties & (ties.cumsum(-1) <= need))
+    return mask
+
+
+def nm_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Remove the n lowest scores in every group of m consecutive columns of each row."""
+    rows, cols = score.shape
+    if cols % pattern.m:
+        raise ValueError(f"pattern {pattern} needs the input width to be a multiple of {pattern.m}, got {cols}")
+    return lowest(score.reshape(rows, cols // pattern.m, pattern.m), pattern.n).reshape(rows, cols)
+
+
+def per_row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Remove int(cols * sparsity) lowest scores of every row."""
+    return lowest(score, int(score.shape[1] * sparsity))
+
+
+def per_matrix_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Remove int(numel * sparsity) lowest scores of the whole matrix."""
+    return lowest(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape)

@@ -1,0 +1,105 @@
+"""SparseGPT: prune column block by column block and update the remaining weights through the inverse Hessian
+of the layer inputs (Frantar & Alistarh, 2023)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compression.masks import Pattern, lowest
+from compression.methods.base import Method, Statistics, chunked, register
+
+
+class Hessian(Statistics):
+    """H = 2/n * sum of x x^T over the calibration tokens, in fp32."""
+
+    def __init__(self, d_in: int, device: torch.device) -> None:
+        super().__init__(d_in, device)
+        self.xtx = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        super().add(x)
+        chunked(x, lambda block: self.xtx.addmm_(block.t(), block))
+
+    def matrix(self) -> torch.Tensor:
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping * I)^-1, with more damping if H is numerically not positive definite."""
+    damp = percdamp * torch.diag(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(6):
+        lower, info = torch.linalg.cholesky_ex(h + damp * (10 ** attempt) * eye)
+        if info == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    raise RuntimeError("SparseGPT: the input Hessian is not positive definite even with 10^5 x damping")
+
+
+def block_mask(score: torch.Tensor, rows: list[slice], sparsity: float) -> torch.Tensor:
+    """Unstructured mask of one column block, [cols, rows] layout: each matrix loses exactly int(sparsity * n) of
+    its entries in the block."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    for r in rows:
+        part = score[:, r]
+        mask[:, r] = lowest(part.reshape(1, -1), int(part.numel() * sparsity)).reshape(part.shape)
+    return mask
+
+
+def sparsegpt_(wt: torch.Tensor, hinv: torch.Tensor, rows: list[slice], sparsity: float, pattern: Pattern,
+               blocksize: int) -> None:
+    """The SparseGPT sweep on a transposed weight wt [in, out] (columns of W are contiguous rows here)."""
+    d_in = wt.shape[0]
+    for i1 in range(0, d_in, blocksize):
+        i2 = min(i1 + blocksize, d_in)
+        w1 = wt[i1:i2].clone()
+        h1 = hinv[i1:i2, i1:i2]
+        d1 = torch.diag(h1)
+        err = torch.empty_like(w1)
+        mask = None if pattern.structured else block_mask(w1.square() / d1[:, None].square(), rows, sparsity)
+        if mask is None:
+            mask = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if pattern.structured and i % pattern.m == 0:
+                group = w1[i:i + pattern.m].square() / d1[i:i + pattern.m, None].square()
+                mask[i:i + pattern.m] = lowest(group.t(), pattern.n).t()
+            torch.mul(w1[i], mask[i], out=err[i]).div_(d1[i])
+            w1[i:].addr_(h1[i, i:], err[i], alpha=-1)
+        w1.masked_fill_(mask, 0)
+        wt[i1:i2] = w1
+        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err, alpha=-1)
+
+
+@register
+@dataclass
+class SparseGPT(Method):
+    name = "sparsegpt"
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.blocksize < 1:
+            raise ValueError(f"blocksize {self.blocksize} is not allowed: use a positive integer such as 128")
+        if self.pattern.structured and self.blocksize % self.pattern.m:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of the pattern's M ({self.pattern.m})")
+        if not self.percdamp > 0:
+            raise ValueError(f"percdamp {self.percdamp} is not allowed: use a small positive number such as 0.01")
+
+    def statistics(self, d_in: int, device: torch.device) -> Hessian:
+        return Hessian(d_in, device)
+
+    def prune(self, weights: list[torch.Tensor], stats: Hessian) -> None:
+        """Weights that read the same input share H, so they are swept together as one stacked matrix."""
+        wt = torch.cat([w.t().float() for w in weights], dim=1).to(stats.device)
+        rows, start = [], 0
+        for w in weights:
+            rows.append(slice(start, start + w.shape[0]))
+            start += w.shape[0]
+        h = stats.matrix()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1
+        wt[dead] = 0
+        sparsegpt_(wt, inverse_hessian_factor(h, self.percdamp), rows, self.sparsity, self.pattern, self.blocksize)
+        for w, r in zip(weights, rows):
+            w.copy_(wt[:, r].t().to(w.dtype))
