@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(repeatable; default all), e.g. 'mlp.*'")
     prune.add_argument("--exclude", action="append", help="fnmatch pattern of Linear names to leave dense (repeatable)")
     prune.add_argument("--batch-size", type=int, help="calibration windows per forward (default: all that fit)")
-    prune.add_argument("--error-tokens", type=int, default=512, help="calibration tokens sampled to measure each "
-                                                                     "Linear's reconstruction error (default 512)")
+    prune.add_argument("--error-tokens", type=int, default=256, help="calibration tokens sampled to measure each "
+                                                                     "Linear's reconstruction error (default 256)")
     prune.add_argument("--offload", action="store_true", help="keep the model on the CPU and move one layer at a "
                                                               "time to --device")
     prune.add_argument("--save", required=True, help="folder to write the pruned Hugging Face model into")

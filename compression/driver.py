@@ -3,11 +3,13 @@
 Two orders are offered:
 - ``sequential`` (default): inside each decoder layer, Linears that read the same input are pruned as a group,
   in the order the layer calls them, from statistics of the inputs the already-pruned part of the layer produces
-  (q/k/v from the layer input; o_proj from attention computed with the pruned q/k/v; and so on). When the
-  calibration batch fits in memory this needs ONE forward pass per layer: statistics, pruning and propagation
-  happen in that pass. Otherwise it makes one partial pass per group plus a propagation pass, with mini-batches.
+  (q/k/v from the layer input; o_proj from attention computed with the pruned q/k/v; and so on). This needs ONE
+  forward pass per layer: the mini-batches run in lockstep (see lockstep.py), pause at each group until all have
+  contributed its statistics, and go on with the pruned group. All mini-batches' activations inside the layer are
+  alive at once.
 - ``reference``: as SparseGPT and Wanda do it: one pass through the dense layer collects statistics for every
-  Linear, then the whole layer is pruned, then a second pass through the pruned layer propagates.
+  Linear, then the whole layer is pruned, then a second pass through the pruned layer propagates. Only one
+  mini-batch's activations inside the layer are alive at a time.
 In both orders, later layers see the errors of earlier ones.
 """
 
@@ -22,8 +24,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from compression.layers import (StopForward, call_layer, capture_first_layer_inputs, decoder_layers,
+from compression.layers import (call_layer, capture_first_layer_inputs, decoder_layers,
                                 linear_modules, move, select, weight_matrix)
+from compression.lockstep import Lockstep
 from compression.methods.base import Method, Statistics
 
 ORDERS = ("sequential", "reference")
@@ -103,14 +106,15 @@ def activation_bytes_per_token(model: nn.Module, seqlen: int, dtype: torch.dtype
 
 def auto_batch_size(model: nn.Module, nsamples: int, seqlen: int, device: torch.device, dtype: torch.dtype,
                     fraction: float = 0.25) -> int:
-    """The largest batch (up to all samples) whose layer activations use at most `fraction` of free memory."""
+    """Samples per mini-batch: about 1k tokens on a CPU (activations stay in cache, measured fastest), 16k on an
+    accelerator, and never more than `fraction` of free memory."""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free, tokens = torch.cuda.mem_get_info(device)[0], 16384
     else:
         import psutil
-        free = psutil.virtual_memory().available
+        free, tokens = psutil.virtual_memory().available, 1024
     per_sample = activation_bytes_per_token(model, seqlen, dtype) * seqlen
-    return max(1, min(nsamples, int(free * fraction // per_sample)))
+    return max(1, min(nsamples, tokens // seqlen, int(free * fraction // per_sample)))
 
 
 class Stopwatch:
@@ -129,15 +133,12 @@ class Stopwatch:
 
 
 def input_groups(layer: nn.Module, names: list[str], hidden: torch.Tensor, args: tuple, kwargs: dict) -> list[list[str]]:
-    """Group Linears that read the very same input tensor, in call order, by running the layer on one sample."""
+    """Group Linears that read the very same input tensor, in call order, by running the layer on one sample.
+    The inputs are kept alive during the probe, so a freed tensor's address cannot be reused by a later input."""
     modules = linear_modules(layer)
-    order: list[tuple[tuple, str]] = []
-    handles = []
-    for name in names:
-        def seen(_m, inputs, name=name):
-            x = inputs[0]
-            order.append(((x.data_ptr(), tuple(x.shape), x.stride(), x.dtype), name))
-        handles.append(modules[name].register_forward_pre_hook(seen))
+    seen: list[tuple[torch.Tensor, str]] = []
+    handles = [modules[name].register_forward_pre_hook(lambda _m, inputs, name=name: seen.append((inputs[0], name)))
+               for name in names]
     one = lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == hidden.shape[0] else t
     try:
         with torch.no_grad():
@@ -146,12 +147,12 @@ def input_groups(layer: nn.Module, names: list[str], hidden: torch.Tensor, args:
         for h in handles:
             h.remove()
     groups: dict[tuple, list[str]] = {}
-    for key, name in order:
-        if name not in (n for g in groups.values() for n in g):
+    for x, name in seen:
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+        if all(name not in g for g in groups.values()):
             groups.setdefault(key, []).append(name)
-    called = [g for g in groups.values()]
-    missed = [[n] for n in names if not any(n in g for g in called)]
-    return called + missed
+    called = list(groups.values())
+    return called + [[n] for n in names if all(n not in g for g in called)]
 
 
 def error_rows(total_tokens: int, error_tokens: int) -> torch.Tensor:
@@ -169,6 +170,7 @@ class GroupState:
         d_in = self.weights[0].shape[1]
         self.stats: Statistics | None = method.statistics(d_in, device) if method.needs_calibration else None
         self.sample: list[torch.Tensor] = []
+        self.arrived = 0
         self.done = False
 
     def add(self, x: torch.Tensor, rows: torch.Tensor) -> None:
@@ -180,7 +182,7 @@ class GroupState:
 
 def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, order: str = "sequential",
                 include: list[str] | None = None, exclude: list[str] | None = None, batch_size: int | None = None,
-                error_tokens: int = 512, device: torch.device | None = None, offload: bool = False,
+                error_tokens: int = 256, device: torch.device | None = None, offload: bool = False,
                 progress: ProgressFn | None = None) -> PruneReport:
     """Prune every selected Linear inside the decoder layers in place and report what happened.
 
@@ -288,59 +290,48 @@ class LayerRun:
 
     def execute(self, hidden: list[torch.Tensor], inputs, batch_rows: list[torch.Tensor], order: str) -> list[torch.Tensor]:
         if order == "reference":
-            self.collect(hidden, inputs, batch_rows, self.states, stop=False)
+            self.forward(hidden, inputs, batch_rows, hooks=True, sequential=False)
             for state in self.states:
                 self.prune(state)
-            return self.propagate(hidden, inputs)
-        if len(hidden) == 1:
-            return self.collect(hidden, inputs, batch_rows, self.states, stop=False, prune_in_pass=True)
-        for state in self.states:
-            self.collect(hidden, inputs, batch_rows, [state], stop=True)
-            self.prune(state)
-        return self.propagate(hidden, inputs)
+            return self.forward(hidden, inputs, batch_rows, hooks=False, sequential=False)
+        return self.forward(hidden, inputs, batch_rows, hooks=True, sequential=True)
 
-    def collect(self, hidden, inputs, batch_rows, states: list[GroupState], stop: bool,
-                prune_in_pass: bool = False) -> list[torch.Tensor]:
-        """Forward the batches with hooks that accumulate each group's statistics (and, in a single-batch
-        sequential pass, prune the group right there so what follows sees the pruned output)."""
-        handles, outputs = [], []
-        current: dict[str, torch.Tensor] = {}
-        for state in states:
+    def forward(self, hidden, inputs, batch_rows, hooks: bool, sequential: bool) -> list[torch.Tensor]:
+        """Run the layer on every mini-batch. With hooks, each group's first Linear accumulates statistics from its
+        input. Sequential: the mini-batches run in lockstep, pausing at each group until all have contributed;
+        the last to arrive prunes the group, so everything after it is computed with the pruned weights."""
+        lockstep = Lockstep()
+        handles = []
+        for state in self.states if hooks else []:
             def hook(_m, args, state=state):
                 if state.done:
                     return
                 x = args[0].reshape(-1, args[0].shape[-1])
                 with self.clock("statistics"):
-                    state.add(x, current["rows"])
-                if prune_in_pass:
+                    state.add(x, batch_rows[lockstep.index()])
+                state.arrived += 1
+                if sequential and state.arrived == len(hidden):
                     self.prune(state)
-                elif stop:
-                    raise StopForward
+                elif sequential:
+                    lockstep.wait()
             handles.append(self.modules[state.names[0]].register_forward_pre_hook(hook))
+        tasks = [lambda h=h, a=a, k=k: call_layer(self.layer, h, a, k)
+                 for h, a, k in zip(hidden, inputs.args, inputs.kwargs)]
+        forward_start, hook_before = time.perf_counter(), self.hook_seconds()
         try:
-            forward_start = time.perf_counter()
-            hook_before = self.hook_seconds()
-            for h, args, kwargs, rows in zip(hidden, inputs.args, inputs.kwargs, batch_rows):
-                current["rows"] = rows
-                try:
-                    outputs.append(call_layer(self.layer, h, args, kwargs))
-                except StopForward:
-                    pass
-            hooks = self.hook_seconds() - hook_before
-            self.report.stages["propagation"] = (self.report.stages.get("propagation", 0.0)
-                                                 + time.perf_counter() - forward_start - hooks)
+            if sequential and len(tasks) > 1:
+                outputs = lockstep.run(tasks)
+            else:
+                outputs = [task() for task in tasks]
         finally:
-            for h in handles:
-                h.remove()
+            for handle in handles:
+                handle.remove()
+        spent = time.perf_counter() - forward_start - (self.hook_seconds() - hook_before)
+        self.report.stages["propagation"] = self.report.stages.get("propagation", 0.0) + spent
         return outputs
 
     def hook_seconds(self) -> float:
         return sum(self.report.stages.get(s, 0.0) for s in ("statistics", "pruning", "report"))
-
-    def propagate(self, hidden, inputs) -> list[torch.Tensor]:
-        """Recompute the layer's outputs with its pruned weights: the next layer's inputs."""
-        with self.clock("propagation"):
-            return [call_layer(self.layer, h, a, k) for h, a, k in zip(hidden, inputs.args, inputs.kwargs)]
 
     def prune(self, state: GroupState) -> None:
         """Prune one group in place and record sparsity, reconstruction error and seconds for each member."""

@@ -64,3 +64,9 @@ def test_sparsity_must_match_nm_pattern():
 def test_nm_needs_divisible_width():
     with pytest.raises(ValueError, match="multiple of 4"):
         nm_mask(torch.rand(2, 6), Pattern(2, 4))
+
+
+@pytest.mark.parametrize("k", [1, 1000, 150_000, 299_999, 300_000])
+def test_kth_of_long_rows_is_exact(k):
+    score = torch.rand(1, 300_000, generator=torch.Generator().manual_seed(k)).round(decimals=3)
+    assert torch.equal(lowest(score, k), stable_sort_mask(score, k))

@@ -201,3 +201,18 @@ def test_bad_arguments():
         create("obs")
     with pytest.raises(ValueError, match="calibration must be"):
         prune_model(model, torch.zeros(0, 4, dtype=torch.long), create("wanda", sparsity=0.5))
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+    ("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]),
+])
+def test_linears_reading_the_same_input_are_grouped_in_call_order(arch, expected):
+    from compression.driver import input_groups
+    from compression.layers import capture_first_layer_inputs
+    model = tiny_model(arch)
+    _, layers = decoder_layers(model)
+    inputs = capture_first_layer_inputs(model, layers, [random_windows(2)], torch.device("cpu"))
+    names = list(linear_modules(layers[0]))
+    assert input_groups(layers[0], names, inputs.hidden[0], inputs.args[0], inputs.kwargs[0]) == expected

@@ -12,18 +12,25 @@ from compression.methods.base import Method, Statistics, chunked, register
 
 
 class Hessian(Statistics):
-    """H = 2/n * sum of x x^T over the calibration tokens, in fp32."""
+    """H = 2/n * sum of x x^T over the calibration tokens, in fp32. Only the upper block triangle is accumulated
+    (H is symmetric), which saves about 40% of the work for wide inputs."""
 
     def __init__(self, d_in: int, device: torch.device) -> None:
         super().__init__(d_in, device)
         self.xtx = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+        self.block = max(128, d_in // 8)
 
     def add(self, x: torch.Tensor) -> None:
         super().add(x)
-        chunked(x, lambda block: self.xtx.addmm_(block.t(), block))
+        chunked(x, self.accumulate)
+
+    def accumulate(self, x: torch.Tensor) -> None:
+        for i in range(0, self.d_in, self.block):
+            self.xtx[i:i + self.block, i:].addmm_(x[:, i:i + self.block].t(), x[:, i:])
 
     def matrix(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        upper = torch.triu(self.xtx)
+        return (upper + torch.triu(self.xtx, 1).t()) * (2.0 / max(self.tokens, 1))
 
 
 def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
