@@ -1,0 +1,167 @@
+"""Per-token divergence (JS, KL both ways, top-1 flips) between a dense and a pruned model on the same tokens."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TokenDivergence:
+    """One sequence's per-position divergences, one entry per scored position."""
+
+    jsd: torch.Tensor
+    kl_dense_pruned: torch.Tensor
+    kl_pruned_dense: torch.Tensor
+    flips: torch.Tensor
+
+
+@dataclass
+class DivergenceResult:
+    """Per-sample divergences and their means over samples (samples with no scored token are left out)."""
+
+    per_sample: list[dict]
+    jsd: float
+    kl_dense_pruned: float
+    kl_pruned_dense: float
+    flip_rate: float
+    scored_tokens: int
+    log2: bool
+    skipped: int = 0
+    samples: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Row-wise KL(p || q) from log-probs, with 0 * log 0 taken as 0 so masked (-inf) entries are harmless."""
+    p = logp.exp()
+    terms = torch.where(p > 0, p * (logp - logq), torch.zeros((), dtype=p.dtype, device=p.device))
+    return terms.sum(dim=-1)
+
+
+def divergence_from_logits(dense_logits: torch.Tensor, pruned_logits: torch.Tensor, log2: bool = False,
+                           chunk: int = 1024) -> dict[str, torch.Tensor]:
+    """Per-position JS, KL both ways and argmax flips from [positions, vocab] logits, in float32 chunk by chunk."""
+    if dense_logits.shape != pruned_logits.shape or dense_logits.dim() != 2:
+        raise ValueError(f"logits must both be [positions, vocab]: got {tuple(dense_logits.shape)} "
+                         f"and {tuple(pruned_logits.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk {chunk} is not allowed: use at least 1")
+    parts: dict[str, list[torch.Tensor]] = {"jsd": [], "kl_dense_pruned": [], "kl_pruned_dense": [], "flip": []}
+    for start in range(0, dense_logits.shape[0], chunk):
+        logp = torch.log_softmax(dense_logits[start:start + chunk].float(), dim=-1)
+        logq = torch.log_softmax(pruned_logits[start:start + chunk].float(), dim=-1)
+        logm = torch.logsumexp(torch.stack((logp, logq)), dim=0) - LN2
+        jsd = (0.5 * _kl(logp, logm) + 0.5 * _kl(logq, logm)).clamp_min(0.0)
+        parts["jsd"].append(jsd / LN2 if log2 else jsd)
+        del logm
+        parts["kl_dense_pruned"].append(_kl(logp, logq).clamp_min(0.0))
+        parts["kl_pruned_dense"].append(_kl(logq, logp).clamp_min(0.0))
+        parts["flip"].append(logp.argmax(dim=-1) != logq.argmax(dim=-1))
+        del logp, logq
+    if not parts["jsd"]:
+        empty = torch.zeros(0, dtype=torch.float32, device=dense_logits.device)
+        return {"jsd": empty, "kl_dense_pruned": empty.clone(), "kl_pruned_dense": empty.clone(),
+                "flip": torch.zeros(0, dtype=torch.bool, device=dense_logits.device)}
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _scored_rows(model: torch.nn.Module, batch: list[torch.Tensor], positions: list[torch.Tensor]) -> torch.Tensor:
+    """One right-padded forward pass; only the scored positions' logits of each sequence, concatenated."""
+    device = next(model.parameters()).device
+    longest = max(len(seq) for seq in batch)
+    ids = torch.zeros(len(batch), longest, dtype=torch.long)
+    mask = torch.zeros(len(batch), longest, dtype=torch.long)
+    for row, seq in enumerate(batch):
+        ids[row, :len(seq)] = seq
+        mask[row, :len(seq)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    rows = torch.cat([logits[row, where.to(logits.device)] for row, where in enumerate(positions)])
+    del logits
+    return rows
+
+
+def _sample_record(div: TokenDivergence) -> dict:
+    """Means over one sample's scored tokens plus its per-token JS."""
+    count = int(div.jsd.numel())
+    if count == 0:
+        return {"jsd": None, "kl_dense_pruned": None, "kl_pruned_dense": None, "flip_rate": None, "token_jsd": [],
+                "scored_tokens": 0, "skipped": True}
+    return {"jsd": div.jsd.mean().item(), "kl_dense_pruned": div.kl_dense_pruned.mean().item(),
+            "kl_pruned_dense": div.kl_pruned_dense.mean().item(), "flip_rate": int(div.flips.sum()) / count,
+            "token_jsd": div.jsd.tolist(), "scored_tokens": count, "skipped": False}
+
+
+def model_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences: list[torch.Tensor],
+                     scored: list[torch.Tensor], batch_size: int = 8, log2: bool = False, chunk: int = 1024,
+                     progress: Callable[[int, int], None] | None = None) -> DivergenceResult:
+    """Dense vs pruned next-token distributions at the scored positions of each sequence, batched with right padding."""
+    if len(sequences) != len(scored):
+        raise ValueError(f"{len(sequences)} sequences but {len(scored)} scored masks")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} is not allowed: use at least 1")
+    for index, (seq, mask) in enumerate(zip(sequences, scored)):
+        if seq.dim() != 1 or mask.shape != seq.shape:
+            raise ValueError(f"sequence {index}: need 1-D token ids and a scored mask of the same length, "
+                             f"got {tuple(seq.shape)} and {tuple(mask.shape)}")
+    per_sample: list[dict] = []
+    total = len(sequences)
+    with torch.no_grad():
+        for start in range(0, total, batch_size):
+            batch = [seq.long().cpu() for seq in sequences[start:start + batch_size]]
+            positions = [mask.bool().cpu().nonzero().flatten() for mask in scored[start:start + batch_size]]
+            kept = [row for row, seq in enumerate(batch) if len(seq) > 0]
+            counts = [int(where.numel()) for where in positions]
+            if kept and sum(counts):
+                dense_rows = _scored_rows(dense, [batch[r] for r in kept], [positions[r] for r in kept])
+                pruned_rows = _scored_rows(pruned, [batch[r] for r in kept], [positions[r] for r in kept])
+                div = divergence_from_logits(dense_rows, pruned_rows.to(dense_rows.device), log2=log2, chunk=chunk)
+                del dense_rows, pruned_rows
+                div = {name: value.cpu() for name, value in div.items()}
+            else:
+                div = divergence_from_logits(torch.zeros(0, 1), torch.zeros(0, 1))
+            offset = 0
+            for count in counts:
+                piece = {name: value[offset:offset + count] for name, value in div.items()}
+                per_sample.append(_sample_record(TokenDivergence(piece["jsd"], piece["kl_dense_pruned"],
+                                                                 piece["kl_pruned_dense"], piece["flip"])))
+                offset += count
+            if progress:
+                progress(min(start + batch_size, total), total)
+    used = [sample for sample in per_sample if not sample["skipped"]]
+
+    def mean(name: str) -> float:
+        return sum(sample[name] for sample in used) / len(used) if used else float("nan")
+
+    return DivergenceResult(per_sample=per_sample, jsd=mean("jsd"), kl_dense_pruned=mean("kl_dense_pruned"),
+                            kl_pruned_dense=mean("kl_pruned_dense"), flip_rate=mean("flip_rate"),
+                            scored_tokens=sum(sample["scored_tokens"] for sample in used), log2=log2,
+                            skipped=len(per_sample) - len(used), samples=len(per_sample))
+
+
+def teacher_forced(records: list[dict], tokenizer, render_prompt: Callable[[dict], str], response_only: bool = True,
+                   max_tokens: int = 1024) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prompt + reference answer (+ EOS) token ids and the positions scored: those predicting an answer token."""
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens {max_tokens} is not allowed: use at least 2")
+    eos = tokenizer.eos_token_id
+    sequences: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    for record in records:
+        prompt = tokenizer(render_prompt(record), add_special_tokens=False).input_ids
+        answer = tokenizer(record["output"], add_special_tokens=False).input_ids
+        ids = (prompt + answer + ([eos] if eos is not None else []))[:max_tokens]
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        first = max(len(prompt) - 1, 0) if response_only else 0
+        if len(ids) >= 2:
+            mask[first:len(ids) - 1] = True
+        sequences.append(torch.tensor(ids, dtype=torch.long))
+        masks.append(mask)
+    return sequences, masks
