@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--data", default="wikitext2", help="wikitext2, c4-validation, c4, or a local text file")
     ppl.add_argument("--seqlen", type=int, default=512)
     ppl.add_argument("--windows", type=int, default=40, help="first N windows (0 = all)")
-    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
     common(ppl)
     return parser
 
@@ -104,7 +104,10 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     stages: dict[str, float] = {}
     source = open_source(args.calibration, args.data_dir)
     t = time.perf_counter()
-    lm = models.load(args.model, args.device, args.dtype, args.trust_remote_code, log=models.stderr_log)
+    compute = models.pick_device(args.device)
+    dtype = models.pick_dtype(args.dtype, compute)
+    lm = models.load(args.model, "cpu" if args.offload else args.device, dtype, args.trust_remote_code,
+                     log=models.stderr_log)
     stages["load"] = time.perf_counter() - t
     t = time.perf_counter()
     calibration = build_calibration(source, lm.model, lm.tokenizer, args.nsamples, args.seqlen, args.seed,
@@ -119,9 +122,6 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         else:
             bar.set_postfix_str(f"layer {event.layer}/{event.layers} {event.module}")
 
-    compute = lm.device if args.offload else None
-    if args.offload:
-        lm.model.to("cpu")
     report = prune_model(lm.model, calibration, method, order=args.order, include=args.include, exclude=args.exclude,
                          batch_size=args.batch_size, error_tokens=args.error_tokens, device=compute,
                          offload=args.offload, progress=on_progress)
@@ -133,7 +133,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
             "pattern": str(pattern), "calibration": args.calibration, "nsamples": args.nsamples,
             "seqlen": args.seqlen, "seed": args.seed, "template": args.template, "order": args.order,
             "per_row": args.per_row, "include": args.include, "exclude": args.exclude,
-            "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
+            "dtype": str(lm.dtype).removeprefix("torch."), "device": str(compute), "offload": args.offload}
     t = time.perf_counter()
     save_path = save_pruned(lm.model, lm.tokenizer, args.save, {"spec": spec, "report": report.to_dict()})
     stages["save"] = time.perf_counter() - t

@@ -60,8 +60,10 @@ def pick_device(device: str | None = None) -> torch.device:
     return dev
 
 
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """fp32 on CPU; bf16 on CUDA where supported, else fp16; an explicit choice wins."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -168,7 +170,7 @@ def check_fits(location: str, dtype: torch.dtype, device: torch.device, trust_re
     return need
 
 
-def load(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+def load(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
          trust_remote_code: bool = False, log=None) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode, after a memory check; weights from safetensors only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

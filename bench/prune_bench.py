@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 REFERENCE_PPL = {"dense": 29.19, "wanda": 66.93, "sparsegpt": 64.29, "magnitude": 483.2}
 REFERENCE_SECONDS = {"wanda": 34.5, "sparsegpt": 65.0, "magnitude": 9.1}
 TARGET_SECONDS = {"wanda": 20.0, "sparsegpt": 35.0, "magnitude": 6.0}
@@ -44,7 +45,6 @@ def perplexity(model: str, data_dir: str) -> float:
 
 def write_windows(data_dir: str, path: Path) -> None:
     """The calibration windows of the task, for a peer tool that takes token ids."""
-    sys.path.insert(0, str(ROOT))
     import torch
     from transformers import AutoTokenizer
 

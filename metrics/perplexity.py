@@ -35,7 +35,7 @@ def token_stream(texts: Sequence[str], tokenizer) -> torch.Tensor:
 
 
 def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], seqlen: int, windows: int | None = None,
-               batch_size: int = 8, logits_budget_bytes: int = 1 << 30, source: str = "",
+               batch_size: int = 4, logits_budget_bytes: int = 1 << 30, source: str = "",
                progress: Callable[[int, int], None] | None = None) -> Perplexity:
     """Non-overlapping windows of `seqlen` tokens (the tail dropped), batched; the first `windows` if given.
 
