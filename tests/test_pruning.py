@@ -216,3 +216,42 @@ def test_linears_reading_the_same_input_are_grouped_in_call_order(arch, expected
     inputs = capture_first_layer_inputs(model, layers, [random_windows(2)], torch.device("cpu"))
     names = list(linear_modules(layers[0]))
     assert input_groups(layers[0], names, inputs.hidden[0], inputs.args[0], inputs.kwargs[0]) == expected
+
+
+def textbook_sparsegpt(w: torch.Tensor, hinv: torch.Tensor, sparsity: float, pattern: Pattern, bs: int = 128):
+    """The published one-level column loop in [out, in] layout, written plainly, as an oracle."""
+    from compression.masks import lowest
+    w = w.clone()
+    for i1 in range(0, w.shape[1], bs):
+        i2 = min(i1 + bs, w.shape[1])
+        w1, h1, errs = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2], torch.zeros(w.shape[0], i2 - i1)
+        score = w1 ** 2 / torch.diag(h1)[None] ** 2
+        mask = torch.zeros_like(w1, dtype=torch.bool) if pattern.structured else \
+            lowest(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape)
+        for i in range(i2 - i1):
+            if pattern.structured and i % pattern.m == 0:
+                mask[:, i:i + pattern.m] = lowest(w1[:, i:i + pattern.m] ** 2 / torch.diag(h1)[i:i + pattern.m][None] ** 2,
+                                                  pattern.n)
+            q = w1[:, i].clone()
+            q[mask[:, i]] = 0
+            err = (w1[:, i] - q) / h1[i, i]
+            w1[:, i:] -= err[:, None] @ h1[i, i:][None]
+            errs[:, i] = err
+        w1[mask] = 0
+        w[:, i1:i2] = w1
+        w[:, i2:] -= errs @ hinv[i1:i2, i2:]
+    return w
+
+
+@pytest.mark.parametrize("pattern", [Pattern(), Pattern(2, 4), Pattern(4, 8)])
+def test_sparsegpt_sweep_equals_the_textbook_loop(pattern):
+    from compression.methods.sparsegpt import inverse_hessian_factor, sparsegpt_
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 320, generator=g)
+    hinv = inverse_hessian_factor(2 / 1024 * x.t() @ x, 0.01)
+    w = torch.randn(96, 320, generator=g)
+    ours = w.t().contiguous()
+    sparsegpt_(ours, hinv, [slice(0, 96)], 0.5, pattern, 128)
+    expected = textbook_sparsegpt(w, hinv, 0.5, pattern)
+    assert torch.equal(ours.t() == 0, expected == 0)
+    assert torch.allclose(ours.t(), expected, atol=1e-4)
