@@ -1,9 +1,10 @@
-"""Command line: `python -m backend prune ...` and `python -m backend ppl ...`."""
+"""Command line: `python -m backend prune ...`, `... ppl ...` and `... eval ...`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--windows", type=int, default=40, help="first N windows (0 = all)")
     ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
     common(ppl)
+
+    ev = sub.add_parser("eval", help="dense vs pruned: perplexity, JS/KL/flips, task scores, optional LLM judge")
+    ev.add_argument("--dense", default="smollm2-135m", help="the dense model: smollm2-135m, a hub id or a folder")
+    ev.add_argument("--pruned", required=True, help="the pruned model folder (from prune --save)")
+    ev.add_argument("--ppl", help="perplexity data, e.g. wikitext2")
+    ev.add_argument("--ppl-seqlen", type=int, default=512)
+    ev.add_argument("--ppl-windows", type=int, default=40)
+    ev.add_argument("--jsd", help="instruction records for teacher-forced divergence, e.g. alpaca")
+    ev.add_argument("--tasks", help="instruction records for generated answers and EM/F1/ROUGE-1, e.g. unnatural")
+    ev.add_argument("--limit", type=int, default=100, help="records for divergence and for tasks (default 100)")
+    ev.add_argument("--template", default="auto", help="auto (chat template if the model has one), alpaca, "
+                                                       "unnatural (the paper's '{instruction} ###{input} ###Response:'), chat")
+    ev.add_argument("--all-tokens", action="store_true", help="divergence over every position, not only the response")
+    ev.add_argument("--log2", action="store_true", help="divergences in bits (JS bounded by 1) instead of nats")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    ev.add_argument("--judge-model", help="LLM judge model name at an OpenAI-compatible endpoint (key: OPENAI_API_KEY)")
+    ev.add_argument("--judge-base-url", help="endpoint, default $OPENAI_BASE_URL or OpenAI")
+    ev.add_argument("--records", help="write one JSON line per example to this file")
+    common(ev)
     return parser
 
 
@@ -174,6 +195,50 @@ def cmd_ppl(args: argparse.Namespace) -> dict:
     return {"model": args.model, **result.to_dict(), "tokens_per_s": result.windows * result.seqlen / result.seconds}
 
 
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from backend import models
+    from backend.evaluate import EvalSettings, evaluate
+
+    if not (args.ppl or args.jsd or args.tasks):
+        args.ppl, args.jsd, args.tasks = "wikitext2", "alpaca", "unnatural"
+    settings = EvalSettings(ppl=args.ppl, ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows, jsd=args.jsd,
+                            tasks=args.tasks, limit=args.limit, template=args.template,
+                            response_only=not args.all_tokens, log2=args.log2, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, judge_model=args.judge_model,
+                            judge_base_url=args.judge_base_url)
+    settings.check()
+    if args.judge_model and not os.environ.get("OPENAI_API_KEY"):
+        raise ValueError("--judge-model needs an API key: set OPENAI_API_KEY (it is never written anywhere)")
+    started = time.perf_counter()
+    dense = models.load(args.dense, args.device, args.dtype, args.trust_remote_code, log=models.stderr_log)
+    pruned = models.load(args.pruned, args.device, args.dtype, args.trust_remote_code, log=models.stderr_log)
+    summary, examples = evaluate(dense, pruned, settings, args.data_dir, log=models.stderr_log)
+    if args.records:
+        with open(args.records, "w", encoding="utf-8") as out:
+            for example in examples:
+                out.write(json.dumps(example) + "\n")
+    return {"dense_model": args.dense, "pruned_model": args.pruned, **summary,
+            "total_seconds": time.perf_counter() - started, "records": args.records}
+
+
+def print_eval(result: dict) -> None:
+    print(f"{'':<10}{'ppl':>10}{'EM':>8}{'F1':>8}{'ROUGE-1':>9}{'judge':>7}")
+    for side in ("dense", "pruned"):
+        m = result[side]
+        cells = [f"{m[k]:.3f}" if k in m else "-" for k in ("ppl", "em", "f1", "rouge1")]
+        judge_mean = m.get("judge", {}).get("overall")
+        print(f"{side:<10}{cells[0]:>10}{cells[1]:>8}{cells[2]:>8}{cells[3]:>9}"
+              f"{f'{judge_mean:.2f}' if judge_mean is not None else '-':>7}")
+    if "jsd" in result:
+        p = result["protocol"]["divergence"]
+        print(f"JS {result['jsd']:.4f}  KL(d||p) {result['kl_dense_pruned']:.4f}  KL(p||d) {result['kl_pruned_dense']:.4f}"
+              f"  flip rate {result['flip_rate']:.3f}  ({p['samples']} {p['source']} records, {p['scored_tokens']} "
+              f"{p['positions']} tokens, log base {p['log']})")
+    if "flips_lost" in result:
+        print(f"answers lost {result['flips_lost']}, gained {result['flips_gained']}")
+    print("seconds: " + "  ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+
+
 def print_prune_table(result: dict) -> None:
     """Per decoder layer: reconstruction error (sparsity) of each module, then totals."""
     rows: dict[int, dict[str, dict]] = {}
@@ -200,7 +265,7 @@ def print_ppl(result: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"prune": (cmd_prune, print_prune_table), "ppl": (cmd_ppl, print_ppl)}
+    commands = {"prune": (cmd_prune, print_prune_table), "ppl": (cmd_ppl, print_ppl), "eval": (cmd_eval, print_eval)}
     run, show = commands[args.command]
     try:
         result = run(args)

@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--order", default="sequential")
     parser.add_argument("--repeat", type=int, default=3, help="whole-process runs per method (median reported)")
     parser.add_argument("--peer-python", help="interpreter of a venv with llmcompressor, to run it as a peer")
+    parser.add_argument("--peer-repeat", type=int, default=1, help="whole-process runs per peer method")
     parser.add_argument("--skip-ppl", action="store_true")
     args = parser.parse_args()
 
@@ -94,7 +95,7 @@ def main() -> None:
         write_windows(args.data_dir, windows)
         for method in [m for m in args.methods if m in ("wanda", "sparsegpt")]:
             walls = []
-            for _ in range(args.repeat):
+            for _ in range(args.peer_repeat):
                 result, wall = run_json([args.peer_python, "bench/peer_llmcompressor.py", "--model",
                                          str(Path.home() / ".cache/prunescope/models/smollm2-135m"), "--windows",
                                          str(windows), "--method", method, "--sparsity", "0.5", "--json"])
