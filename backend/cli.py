@@ -94,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def progress_bar(total: int, desc: str):
+def progress_bar(total: int, desc: str, unit: str = "item"):
     """A tqdm bar on stderr."""
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, file=sys.stderr, unit="layer", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, file=sys.stderr, unit=unit, dynamic_ncols=True, leave=False)
 
 
 def cmd_prune(args: argparse.Namespace) -> dict:
@@ -134,7 +134,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     calibration = build_calibration(source, lm.model, lm.tokenizer, args.nsamples, args.seqlen, args.seed,
                                     args.template)
     stages["calibration"] = time.perf_counter() - t
-    bar = progress_bar(0, f"{args.method} {args.sparsity:g}")
+    bar = progress_bar(0, f"{args.method} {args.sparsity:g}", unit="layer")
 
     def on_progress(event) -> None:
         if event.stage == "layer":
@@ -182,7 +182,7 @@ def cmd_ppl(args: argparse.Namespace) -> dict:
     lm = models.load(args.model, args.device, args.dtype, args.trust_remote_code, log=models.stderr_log)
     from compression.calibration import check_shape, model_context
     check_shape(1, args.seqlen, model_context(lm.model.config))
-    bar = progress_bar(0, "perplexity")
+    bar = progress_bar(0, "perplexity", unit="window")
 
     def on_progress(done: int, total: int) -> None:
         bar.total = total
@@ -212,7 +212,18 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     dense = models.load(args.dense, args.device, args.dtype, args.trust_remote_code, log=models.stderr_log)
     pruned = models.load(args.pruned, args.device, args.dtype, args.trust_remote_code, log=models.stderr_log)
-    summary, examples = evaluate(dense, pruned, settings, args.data_dir, log=models.stderr_log)
+    bars: dict = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = progress_bar(total, stage)
+        bar = bars[stage]
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    summary, examples = evaluate(dense, pruned, settings, args.data_dir, log=models.stderr_log, progress=on_progress)
     if args.records:
         with open(args.records, "w", encoding="utf-8") as out:
             for example in examples:

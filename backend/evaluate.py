@@ -16,6 +16,7 @@ from metrics.prompts import TEMPLATES, prompt_renderer
 from metrics.scoring import clean_output, compare_outputs
 
 Log = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,10 @@ def records_of(source: str, data_dir: str | None, limit: int) -> list[dict]:
 
 
 def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, data_dir: str | None = None,
-             log: Log = lambda _m: None) -> tuple[dict, list[dict]]:
-    """Returns the summary (dense and pruned metrics, divergences, seconds) and the per-example records."""
+             log: Log = lambda _m: None, progress: Progress = lambda _stage, _done, _total: None
+             ) -> tuple[dict, list[dict]]:
+    """Returns the summary (dense and pruned metrics, divergences, seconds) and the per-example records;
+    `progress(stage, done, total)` is called as each stage advances."""
     settings.check()
     summary: dict = {"dense": {}, "pruned": {}, "seconds": {}, "protocol": {}}
     examples: list[dict] = []
@@ -79,7 +82,8 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
         for side, lm in (("dense", dense), ("pruned", pruned)):
             started = time.perf_counter()
             result = perplexity(lm.model, lm.tokenizer, texts, settings.ppl_seqlen, settings.ppl_windows,
-                                source=f"{settings.ppl} ({texts_source.origin})")
+                                source=f"{settings.ppl} ({texts_source.origin})",
+                                progress=lambda d, n, side=side: progress(f"perplexity {side}", d, n))
             summary[side]["ppl"] = result.ppl
             summary["seconds"][f"ppl_{side}"] = time.perf_counter() - started
             log(f"perplexity {side}: {result.ppl:.3f} ({result.windows} x {result.seqlen} tokens)")
@@ -92,7 +96,7 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
                                            settings.response_only)
         started = time.perf_counter()
         result = model_divergence(dense.model, pruned.model, sequences, scored, batch_size=8, log2=settings.log2,
-                                  progress=lambda d, n: log(f"divergence {d}/{n}") if d == n else None)
+                                  progress=lambda d, n: progress("divergence", d, n))
         summary["seconds"]["divergence"] = time.perf_counter() - started
         for key in ("jsd", "kl_dense_pruned", "kl_pruned_dense", "flip_rate"):
             summary[key] = getattr(result, key)
@@ -112,7 +116,8 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
         outputs = {}
         for side, lm in (("dense", dense), ("pruned", pruned)):
             started = time.perf_counter()
-            raw = generate(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size)
+            raw = generate(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                           progress=lambda d, n, side=side: progress(f"answers {side}", d, n))
             outputs[side] = [clean_output(text) for text in raw]
             summary["seconds"][f"generate_{side}"] = time.perf_counter() - started
             log(f"generated {len(prompts)} answers with the {side} model")
@@ -132,7 +137,8 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
             for side in ("dense", "pruned"):
                 verdict = judge([{"id": e["id"], "instruction": e["instruction"], "input": e["input"],
                                   "reference": e["reference"], "response": e[f"output_{side}"]}
-                                 for e in task_examples], config)
+                                 for e in task_examples], config,
+                                progress=lambda d, n, side=side: progress(f"judge {side}", d, n))
                 summary[side]["judge"] = {**verdict.means, "overall": verdict.overall, "judged": verdict.judged,
                                           "failed": verdict.failed}
                 for example, record in zip(task_examples, verdict.records):

@@ -162,7 +162,7 @@ def error_rows(total_tokens: int, error_tokens: int) -> torch.Tensor:
 
 
 class GroupState:
-    """Statistics, error sample and dense outputs of one input-sharing group while it waits to be pruned."""
+    """Statistics and the error-measurement sample of one input-sharing group while it waits to be pruned."""
 
     def __init__(self, names: list[str], modules: dict[str, nn.Module], method: Method, device: torch.device) -> None:
         self.names = names
@@ -208,7 +208,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
     clock = Stopwatch(report.stages)
     notify = progress or (lambda _event: None)
     batches = list(calibration.split(batch_size))
-    rows_global = error_rows(nsamples * seqlen, error_tokens)
+    batch_rows = split_rows(error_rows(nsamples * seqlen, error_tokens), [b.numel() for b in batches])
 
     with torch.no_grad(), on_device(model, layers, device, offload):
         with clock("capture"):
@@ -225,7 +225,6 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
                 groups = input_groups(layer, names, hidden[0], inputs.args[0], inputs.kwargs[0])
             layer_groups = [[n for n in g if n in names] for g in groups]
             states = [GroupState(g, modules, method, device) for g in layer_groups if g]
-            batch_rows = split_rows(rows_global, [h.shape[0] * h.shape[1] for h in hidden])
             run = LayerRun(index, layer, states, modules, method, report, clock, notify, len(layers), prefix)
             hidden = run.execute(hidden, inputs, batch_rows, order)
             if offload:

@@ -59,7 +59,8 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], seqlen: 
         for start in range(0, count, batch):
             chunk = ids[start:start + batch].to(device)
             logits = model(input_ids=chunk, use_cache=False).logits
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), chunk[:, 1:].flatten(),
+            labels = F.pad(chunk[:, 1:], (0, 1), value=-100)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                      reduction="sum").item()
             del logits
             if progress:
