@@ -8,7 +8,7 @@ import torch
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
-             progress: Callable[[int, int], None] | None = None) -> list[str]:
+             progress: Callable[[int, int], None] | None = None, min_new_tokens: int = 0) -> list[str]:
     """Greedy answers that stop at EOS. Prompts are sorted by length so each batch carries little padding; the
     answers come back in the prompts' order. Special tokens in a prompt's text (a chat template) are kept."""
     if max_new_tokens < 1 or batch_size < 1:
@@ -28,7 +28,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_toke
                 ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 mask[r, width - len(encoded[i]):] = 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                 eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=pad, top_p=None, top_k=None, temperature=None)
             for r, i in enumerate(rows):
                 answers[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True)

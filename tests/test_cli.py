@@ -73,7 +73,8 @@ def test_seqlen_beyond_context(capsys, tmp_path, tiny_folder):
 
 
 def test_unknown_model_folder(capsys, tmp_path):
-    code, _, err = run_cli(["ppl", "--model", str(tmp_path), "--data-dir", str(SHARED_DATA)], capsys)
+    (tmp_path / "text.txt").write_text("Some text to score.\n")
+    code, _, err = run_cli(["ppl", "--model", str(tmp_path), "--data", str(tmp_path / "text.txt")], capsys)
     assert code == 2 and "has no config.json" in error_line(err)
 
 
