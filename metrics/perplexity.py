@@ -34,12 +34,60 @@ def token_stream(texts: Sequence[str], tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids, dtype=torch.long)
 
 
+class _Stop(Exception):
+    """Ends a forward pass at the output head once its input is captured."""
+
+
+def head_inputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The hidden states the output head would read, without computing the full-vocabulary logits."""
+    seen: list[torch.Tensor] = []
+
+    def grab(_module, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def chunked_head_matches(model: torch.nn.Module, ids: torch.Tensor) -> bool:
+    """Whether applying the output head to captured hidden states reproduces the model's own logits (false for
+    models that post-process logits, e.g. soft-capping); checked once on a few tokens."""
+    probe = ids[:1, :8]
+    expected = model(input_ids=probe, use_cache=False).logits.float()
+    ours = model.get_output_embeddings()(head_inputs(model, probe)).float()
+    return ours.shape == expected.shape and torch.allclose(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def batch_nll(model: torch.nn.Module, ids: torch.Tensor, chunked: bool, rows: int = 256) -> float:
+    """Summed next-token NLL of a batch. Chunked: the head runs on `rows` positions at a time so the logits stay in
+    cache and the full [batch, seqlen, vocab] tensor is never written (measured faster than the plain forward)."""
+    labels = F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
+    if not chunked:
+        logits = model(input_ids=ids, use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=-100, reduction="sum").item()
+    hidden = head_inputs(model, ids).flatten(0, 1)
+    head = model.get_output_embeddings()
+    total = 0.0
+    for start in range(0, hidden.shape[0], rows):
+        logits = head(hidden[start:start + rows]).float()
+        total += F.cross_entropy(logits, labels[start:start + rows], ignore_index=-100, reduction="sum").item()
+    return total
+
+
 def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], seqlen: int, windows: int | None = None,
                batch_size: int = 4, logits_budget_bytes: int = 1 << 30, source: str = "",
                progress: Callable[[int, int], None] | None = None) -> Perplexity:
     """Non-overlapping windows of `seqlen` tokens (the tail dropped), batched; the first `windows` if given.
 
-    The batch shrinks so that one batch's full-vocabulary fp32 logits stay within `logits_budget_bytes`."""
+    The batch shrinks so that one batch's full-vocabulary fp32 logits would stay within `logits_budget_bytes`
+    (models whose logits must come from their own forward materialise them)."""
     if seqlen < 2:
         raise ValueError(f"seqlen {seqlen} is not allowed: use at least 2")
     if windows is not None and windows < 1:
@@ -56,13 +104,9 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], seqlen: 
     total = 0.0
     started = time.perf_counter()
     with torch.no_grad():
+        chunked = chunked_head_matches(model, ids.to(device))
         for start in range(0, count, batch):
-            chunk = ids[start:start + batch].to(device)
-            logits = model(input_ids=chunk, use_cache=False).logits
-            labels = F.pad(chunk[:, 1:], (0, 1), value=-100)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                     reduction="sum").item()
-            del logits
+            total += batch_nll(model, ids[start:start + batch].to(device), chunked)
             if progress:
                 progress(min(start + batch, count), count)
     scored = count * (seqlen - 1)

@@ -45,3 +45,13 @@ def test_bad_arguments(tokenizer):
         perplexity(model, tokenizer, ["tiny"], seqlen=64)
     with pytest.raises(ValueError, match="seqlen 1"):
         perplexity(model, tokenizer, TEXTS, seqlen=1)
+
+
+def test_chunked_head_equals_the_models_own_logits(tokenizer):
+    from metrics.perplexity import batch_nll, chunked_head_matches
+    model = tiny_model("llama", vocab=len(tokenizer))
+    ids = token_stream(TEXTS, tokenizer)[:96].reshape(3, 32)
+    assert chunked_head_matches(model, ids)
+    with torch.no_grad():
+        assert batch_nll(model, ids, chunked=True, rows=10) == pytest.approx(batch_nll(model, ids, chunked=False),
+                                                                           rel=1e-5)
