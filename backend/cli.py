@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration", default="c4", help="c4, c4-validation, alpaca, unnatural, wikitext2, self, "
                                                            "a .jsonl/.json/.txt/.parquet file, or saved ids (.pt)")
     prune.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    prune.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, capped by nothing: "
-                                                                "beyond the model's context is an error)")
+    prune.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048; more than the "
+                                                                "model's context is an error)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--template", default="alpaca", help="prompt template for instruction records: alpaca or chat")
     prune.add_argument("--order", default="sequential", help="sequential (one pass per layer) or reference (two passes)")
@@ -162,9 +162,9 @@ def cmd_prune(args: argparse.Namespace) -> dict:
             "peak_rss_mb": peak_rss_mb(), "peak_device_mb": report.peak_device_mb, "save_path": str(save_path),
             "overall_sparsity": report.overall_sparsity, "batch_size": report.batch_size,
             "error_tokens": report.error_tokens,
-            "layers": [{"name": r.name, "layer": r.layer, "module": r.module, "sparsity": r.sparsity, "rel_error": r.rel_error, "seconds": r.seconds,
-                        "shape": list(r.shape), "tokens": r.tokens, **({"note": r.note} if r.note else {})}
-                       for r in report.layers]}
+            "layers": [{"name": r.name, "layer": r.layer, "module": r.module, "sparsity": r.sparsity,
+                        "rel_error": r.rel_error, "seconds": r.seconds, "shape": list(r.shape), "tokens": r.tokens,
+                        **({"note": r.note} if r.note else {})} for r in report.layers]}
 
 
 def cmd_ppl(args: argparse.Namespace) -> dict:

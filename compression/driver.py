@@ -104,17 +104,33 @@ def activation_bytes_per_token(model: nn.Module, seqlen: int, dtype: torch.dtype
     return size * (8 * hidden + 3 * inter + 2 * heads * seqlen) + 4 * 2 * hidden
 
 
+def free_bytes(device: torch.device) -> int:
+    """Free memory where activations will live."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+    return psutil.virtual_memory().available
+
+
 def auto_batch_size(model: nn.Module, nsamples: int, seqlen: int, device: torch.device, dtype: torch.dtype,
                     fraction: float = 0.25) -> int:
     """Samples per mini-batch: about 1k tokens on a CPU (activations stay in cache, measured fastest), 16k on an
     accelerator, and never more than `fraction` of free memory."""
-    if device.type == "cuda":
-        free, tokens = torch.cuda.mem_get_info(device)[0], 16384
-    else:
-        import psutil
-        free, tokens = psutil.virtual_memory().available, 1024
+    tokens = 16384 if device.type == "cuda" else 1024
     per_sample = activation_bytes_per_token(model, seqlen, dtype) * seqlen
-    return max(1, min(nsamples, tokens // seqlen, int(free * fraction // per_sample)))
+    return max(1, min(nsamples, tokens // seqlen, int(free_bytes(device) * fraction // per_sample)))
+
+
+def check_sequential_fits(model: nn.Module, nsamples: int, seqlen: int, device: torch.device, dtype: torch.dtype,
+                          fraction: float = 0.6) -> None:
+    """The sequential order keeps every mini-batch's in-layer activations alive at once: refuse, with the numbers,
+    rather than run out of memory mid-way."""
+    need = activation_bytes_per_token(model, seqlen, dtype) * nsamples * seqlen
+    free = free_bytes(device)
+    if need > free * fraction:
+        raise ValueError(f"--order sequential holds the in-layer activations of all {nsamples} x {seqlen} calibration "
+                         f"tokens at once (~{need / 2 ** 30:.1f} GiB) but {free / 2 ** 30:.1f} GiB is free on {device}: "
+                         f"use --order reference (one mini-batch at a time) or fewer --nsamples")
 
 
 class Stopwatch:
@@ -203,6 +219,8 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
         calibration = calibration[:keep]
         nsamples = keep
     batch_size = min(batch_size or auto_batch_size(model, nsamples, seqlen, device, dtype), nsamples)
+    if order == "sequential" and batch_size < nsamples:
+        check_sequential_fits(model, nsamples, seqlen, device, dtype)
     report = PruneReport(method.name, method.sparsity, str(method.pattern), order, nsamples, seqlen, batch_size,
                          error_tokens)
     clock = Stopwatch(report.stages)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 LN2 = math.log(2.0)
 
@@ -46,6 +47,11 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return terms.sum(dim=-1)
 
 
+def _kl_fused(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Row-wise KL(p || q) in one fused elementwise pass; for finite log-probs only."""
+    return F.kl_div(logq, logp, reduction="none", log_target=True).sum(dim=-1)
+
+
 def divergence_from_logits(dense_logits: torch.Tensor, pruned_logits: torch.Tensor, log2: bool = False,
                            chunk: int = 1024) -> dict[str, torch.Tensor]:
     """Per-position JS, KL both ways and argmax flips from [positions, vocab] logits, in float32 chunk by chunk."""
@@ -58,12 +64,16 @@ def divergence_from_logits(dense_logits: torch.Tensor, pruned_logits: torch.Tens
     for start in range(0, dense_logits.shape[0], chunk):
         logp = torch.log_softmax(dense_logits[start:start + chunk].float(), dim=-1)
         logq = torch.log_softmax(pruned_logits[start:start + chunk].float(), dim=-1)
-        logm = torch.logsumexp(torch.stack((logp, logq)), dim=0) - LN2
-        jsd = (0.5 * _kl(logp, logm) + 0.5 * _kl(logq, logm)).clamp_min(0.0)
+        logm = torch.logaddexp(logp, logq) - LN2
+        if torch.isfinite(logp).all() and torch.isfinite(logq).all():
+            kl = _kl_fused
+        else:
+            kl = _kl
+        jsd = (0.5 * kl(logp, logm) + 0.5 * kl(logq, logm)).clamp_min(0.0)
         parts["jsd"].append(jsd / LN2 if log2 else jsd)
         del logm
-        parts["kl_dense_pruned"].append(_kl(logp, logq).clamp_min(0.0))
-        parts["kl_pruned_dense"].append(_kl(logq, logp).clamp_min(0.0))
+        parts["kl_dense_pruned"].append(kl(logp, logq).clamp_min(0.0))
+        parts["kl_pruned_dense"].append(kl(logq, logp).clamp_min(0.0))
         parts["flip"].append(logp.argmax(dim=-1) != logq.argmax(dim=-1))
         del logp, logq
     if not parts["jsd"]:
