@@ -255,3 +255,11 @@ def test_sparsegpt_sweep_equals_the_textbook_loop(pattern):
     expected = textbook_sparsegpt(w, hinv, 0.5, pattern)
     assert torch.equal(ours.t() == 0, expected == 0)
     assert torch.allclose(ours.t(), expected, atol=1e-4)
+
+
+def test_sequential_order_refuses_what_cannot_fit():
+    from compression.driver import check_sequential_fits
+    model = tiny_model("llama")
+    check_sequential_fits(model, 8, 32, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match=r"--order sequential holds .* 1000000 x 4096 .* use --order reference"):
+        check_sequential_fits(model, 1_000_000, 4096, torch.device("cpu"), torch.float32)
