@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from compression.layers import (call_layer, capture_first_layer_inputs, decoder_layers,
-                                linear_modules, move, select, weight_matrix)
+                                linear_modules, select, weight_matrix)
 from compression.lockstep import Lockstep
 from compression.methods.base import Method, Statistics
 

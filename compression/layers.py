@@ -103,16 +103,3 @@ def call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict
     """Run one decoder layer and return its hidden-state output, whatever container the architecture returns."""
     out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def move(value, device: torch.device):
-    """Move tensors nested in tuples/lists/dicts to a device."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(move(v, device) for v in value)
-    if isinstance(value, list):
-        return [move(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: move(v, device) for k, v in value.items()}
-    return value
