@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from metrics.heads import chunked_head_matches, head_inputs
+
 LN2 = math.log(2.0)
 
 
@@ -83,8 +85,10 @@ def divergence_from_logits(dense_logits: torch.Tensor, pruned_logits: torch.Tens
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def _scored_rows(model: torch.nn.Module, batch: list[torch.Tensor], positions: list[torch.Tensor]) -> torch.Tensor:
-    """One right-padded forward pass; only the scored positions' logits of each sequence, concatenated."""
+def _scored_rows(model: torch.nn.Module, batch: list[torch.Tensor], positions: list[torch.Tensor],
+                 head_only: bool = False) -> torch.Tensor:
+    """One right-padded forward pass; only the scored positions' logits of each sequence, concatenated. With
+    `head_only` the output head runs on the scored positions' hidden states alone (prompt positions never get logits)."""
     device = next(model.parameters()).device
     longest = max(len(seq) for seq in batch)
     ids = torch.zeros(len(batch), longest, dtype=torch.long)
@@ -92,6 +96,10 @@ def _scored_rows(model: torch.nn.Module, batch: list[torch.Tensor], positions: l
     for row, seq in enumerate(batch):
         ids[row, :len(seq)] = seq
         mask[row, :len(seq)] = 1
+    if head_only:
+        hidden = head_inputs(model, ids.to(device), attention_mask=mask.to(device))
+        picked = torch.cat([hidden[row, where.to(hidden.device)] for row, where in enumerate(positions)])
+        return model.get_output_embeddings()(picked)
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
     rows = torch.cat([logits[row, where.to(logits.device)] for row, where in enumerate(positions)])
     del logits
@@ -124,14 +132,17 @@ def model_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences:
     per_sample: list[dict] = []
     total = len(sequences)
     with torch.no_grad():
+        probe = next((seq[None].long() for seq in sequences if len(seq) > 0), None)
+        head_only = probe is not None and all(
+            chunked_head_matches(m, probe.to(next(m.parameters()).device)) for m in (dense, pruned))
         for start in range(0, total, batch_size):
             batch = [seq.long().cpu() for seq in sequences[start:start + batch_size]]
             positions = [mask.bool().cpu().nonzero().flatten() for mask in scored[start:start + batch_size]]
             kept = [row for row, seq in enumerate(batch) if len(seq) > 0]
             counts = [int(where.numel()) for where in positions]
             if kept and sum(counts):
-                dense_rows = _scored_rows(dense, [batch[r] for r in kept], [positions[r] for r in kept])
-                pruned_rows = _scored_rows(pruned, [batch[r] for r in kept], [positions[r] for r in kept])
+                dense_rows = _scored_rows(dense, [batch[r] for r in kept], [positions[r] for r in kept], head_only)
+                pruned_rows = _scored_rows(pruned, [batch[r] for r in kept], [positions[r] for r in kept], head_only)
                 div = divergence_from_logits(dense_rows, pruned_rows.to(dense_rows.device), log2=log2, chunk=chunk)
                 del dense_rows, pruned_rows
                 div = {name: value.cpu() for name, value in div.items()}

@@ -1,0 +1,36 @@
+"""The output head applied to captured hidden states, so callers compute logits only where and when they need them."""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Stop(Exception):
+    """Ends a forward pass at the output head once its input is captured."""
+
+
+def head_inputs(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The hidden states the output head would read, without computing the full-vocabulary logits."""
+    seen: list[torch.Tensor] = []
+
+    def grab(_module, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
+    try:
+        model(input_ids=ids, use_cache=False, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def chunked_head_matches(model: torch.nn.Module, ids: torch.Tensor) -> bool:
+    """Whether applying the output head to captured hidden states reproduces the model's own logits (false for
+    models that post-process logits, e.g. soft-capping); checked once on a few tokens."""
+    probe = ids[:1, :8]
+    expected = model(input_ids=probe, use_cache=False).logits.float()
+    ours = model.get_output_embeddings()(head_inputs(model, probe)).float()
+    return ours.shape == expected.shape and torch.allclose(ours, expected, rtol=1e-4, atol=1e-4)
