@@ -169,18 +169,16 @@ def cmd_prune(args: argparse.Namespace) -> dict:
 
 def cmd_ppl(args: argparse.Namespace) -> dict:
     from backend import models
-    from backend.data import load_source
+    from backend.evaluate import perplexity_texts
+    from compression.calibration import check_shape, model_context
     from metrics.perplexity import perplexity
-    from metrics.prompts import full_text_renderer
 
     if args.windows < 0:
         raise ValueError(f"--windows {args.windows} is not allowed: use 0 (all) or a positive number")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} is not allowed: use a positive integer")
-    dataset = load_source(args.data, args.data_dir)
-    texts = dataset.items if dataset.kind == "texts" else [full_text_renderer("alpaca")(r) for r in dataset.items]
+    dataset, texts = perplexity_texts(args.data, args.data_dir)
     lm = models.load(args.model, args.device, args.dtype, args.trust_remote_code, log=models.stderr_log)
-    from compression.calibration import check_shape, model_context
     check_shape(1, args.seqlen, model_context(lm.model.config))
     bar = progress_bar(0, "perplexity", unit="window")
 

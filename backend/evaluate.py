@@ -6,13 +6,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from backend.data import load_source
+from backend.data import Dataset, load_source
 from backend.models import LoadedModel
 from metrics.divergence import model_divergence, teacher_forced
 from metrics.generation import generate
 from metrics.judge import JudgeConfig, judge
 from metrics.perplexity import perplexity
-from metrics.prompts import TEMPLATES, prompt_renderer
+from metrics.prompts import TEMPLATES, full_text_renderer, prompt_renderer
 from metrics.scoring import clean_output, compare_outputs
 
 Log = Callable[[str], None]
@@ -57,6 +57,15 @@ def template_for(settings: EvalSettings, tokenizer, source: str) -> str:
     return "unnatural" if source == "unnatural" else "alpaca"
 
 
+def perplexity_texts(source: str, data_dir: str | None) -> tuple[Dataset, list[str]]:
+    """The rows a perplexity runs on: plain texts as they are, instruction records as Alpaca prompt + answer."""
+    dataset = load_source(source, data_dir)
+    if dataset.kind == "texts":
+        return dataset, dataset.items
+    render = full_text_renderer("alpaca")
+    return dataset, [render(r) for r in dataset.items]
+
+
 def records_of(source: str, data_dir: str | None, limit: int) -> list[dict]:
     dataset = load_source(source, data_dir, limit=limit)
     if dataset.kind != "records":
@@ -76,9 +85,7 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
     tokenizer = dense.tokenizer
 
     if settings.ppl:
-        texts_source = load_source(settings.ppl, data_dir)
-        texts = texts_source.items if texts_source.kind == "texts" else \
-            [prompt_renderer("alpaca")(r) + r["output"] for r in texts_source.items]
+        texts_source, texts = perplexity_texts(settings.ppl, data_dir)
         for side, lm in (("dense", dense), ("pruned", pruned)):
             started = time.perf_counter()
             result = perplexity(lm.model, lm.tokenizer, texts, settings.ppl_seqlen, settings.ppl_windows,
