@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compression.masks import Pattern, check_sparsity, lowest, nm_mask, parse_pattern, per_matrix_mask, per_row_mask
+from compression.masks import lowest, nm_mask, per_matrix_mask, per_row_mask
+from compression.patterns import Pattern, check_sparsity, parse_pattern
 
 
 def stable_sort_mask(score: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from compression.driver import prune_model
 from compression.layers import decoder_layers, linear_modules, weight_matrix
-from compression.masks import Pattern
+from compression.patterns import Pattern
 from compression.methods import create
 from tests.conftest import random_windows, tiny_model
 

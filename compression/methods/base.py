@@ -7,7 +7,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from compression.masks import Pattern
+from compression.patterns import Pattern
 
 
 class Statistics:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.masks import Pattern, lowest
+from compression.masks import lowest
+from compression.patterns import Pattern
 from compression.methods.base import Method, Statistics, chunked, register
 
 
