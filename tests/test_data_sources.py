@@ -7,8 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from backend.calibrate import build_calibration, open_source
 from backend.data import (
+    BUILTIN_DIR,
     LOCAL_FILES,
     SOURCE_NAMES,
     DataSourceError,
@@ -17,7 +20,11 @@ from backend.data import (
     is_generated,
     load_source,
     offline_sources,
+    source_file,
 )
+from backend.evaluate import perplexity_texts, records_of
+from metrics.perplexity import token_stream
+from tests.conftest import tiny_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -83,7 +90,7 @@ def test_env_data_dir_and_offline_sources(monkeypatch: pytest.MonkeyPatch) -> No
     assert data_dir() == SHARED_DATA
     assert data_dir("/elsewhere") == Path("/elsewhere")
     assert load_source("alpaca", limit=3).origin == str(SHARED_DATA / LOCAL_FILES["alpaca"])
-    assert offline_sources() == list(LOCAL_FILES)
+    assert offline_sources() == [*LOCAL_FILES, "demo", "demo-prose"]
     assert set(offline_sources()) == set(SOURCE_NAMES) - {"self"}
 
 
@@ -215,7 +222,7 @@ def test_named_source_missing_offline_fails_fast(tmp_path: Path) -> None:
     assert time.monotonic() - start < 2.0
     message = assert_one_line(exc)
     assert "'c4'" in message and LOCAL_FILES["c4"] in message and str(tmp_path) in message
-    assert "hub is unreachable" in message and "available offline: none" in message
+    assert "hub is unreachable" in message and "available offline: demo, demo-prose; point --data-dir" in message
 
 
 @needs_shared
@@ -224,7 +231,7 @@ def test_missing_offline_names_what_is_available(tmp_path: Path) -> None:
     (tmp_path / "alpaca" / "alpaca_3717.jsonl").write_bytes((SHARED_DATA / LOCAL_FILES["alpaca"]).read_bytes())
     with pytest.raises(DataSourceError) as exc:
         load_source("wikitext2", data_dir=tmp_path)
-    assert assert_one_line(exc).endswith("available offline: alpaca")
+    assert assert_one_line(exc).endswith("available offline: alpaca, demo, demo-prose")
 
 
 def test_no_data_dir_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,3 +247,77 @@ def test_limit_below_one_rejected(tmp_path: Path, limit: int) -> None:
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}])
     with pytest.raises(DataSourceError, match="limit must be"):
         load_source(str(path), limit=limit)
+
+
+@pytest.mark.parametrize(("name", "kind", "file_name"), [("demo", "records", "demo_tasks.jsonl"),
+                                                        ("demo-prose", "texts", "demo_prose.txt")])
+def test_demo_sources_are_built_in(name: str, kind: str, file_name: str) -> None:
+    ds = load_source(name)
+    path = Path(__file__).resolve().parents[1] / "backend" / "demo" / file_name
+    assert (ds.name, ds.kind, ds.origin) == (name, kind, f"demo (built in): {path}")
+    assert name in SOURCE_NAMES and data_dir() is None
+
+
+def test_demo_tasks_are_short_answer_records() -> None:
+    items = load_source("demo").items
+    assert len(items) >= 48
+    assert all(set(item) == {"instruction", "input", "output"} for item in items)
+    assert all(item["instruction"].strip() and item["output"].strip() for item in items)
+    assert len({item["instruction"] for item in items}) >= 12
+    assert all(len(item["output"].split()) <= 4 for item in items)
+    assert {"instruction": "Solve the arithmetic problem below. Answer with the number only.",
+            "input": "17 + 25", "output": "42"} in items
+
+
+def test_demo_prose_is_documents_of_plain_text() -> None:
+    docs = load_source("demo-prose").items
+    assert len(docs) >= 5 and all(isinstance(doc, str) and doc == doc.strip() for doc in docs)
+    assert sum(len(doc.split()) for doc in docs) >= 2000
+    assert all("\n\n" not in doc for doc in docs)
+
+
+def test_demo_limit_keeps_first_items() -> None:
+    for name in ("demo", "demo-prose"):
+        full = load_source(name).items
+        assert load_source(name, limit=3).items == full[:3]
+        assert load_source(name, limit=10000).items == full
+
+
+def test_demo_ignores_data_dir_and_is_offered_offline(tmp_path: Path) -> None:
+    assert offline_sources(None) == ["demo", "demo-prose"]
+    assert offline_sources(tmp_path / "missing") == ["demo", "demo-prose"]
+    assert load_source("demo", data_dir=tmp_path / "missing").items == load_source("demo").items
+
+
+def test_demo_prose_builds_calibration_windows(tokenizer) -> None:
+    model = tiny_model("llama", vocab=len(tokenizer))
+    windows = build_calibration(open_source("demo-prose"), model, tokenizer, nsamples=4, seqlen=64)
+    assert windows.shape == (4, 64) and windows.dtype == torch.long
+    assert int(windows.max()) < len(tokenizer)
+    assert torch.equal(windows, build_calibration(open_source("demo-prose"), model, tokenizer, nsamples=4, seqlen=64))
+    dataset, texts = perplexity_texts("demo-prose", None)
+    assert dataset.kind == "texts" and texts == dataset.items
+    assert len(token_stream(texts, tokenizer)) > 6 * 512
+
+
+def test_demo_records_build_calibration_windows(tokenizer) -> None:
+    model = tiny_model("llama", vocab=len(tokenizer))
+    windows = build_calibration(open_source("demo"), model, tokenizer, nsamples=4, seqlen=128)
+    assert windows.shape == (4, 128)
+
+
+def test_demo_records_feed_divergence_and_tasks() -> None:
+    records = records_of("demo", None, limit=10)
+    assert records == load_source("demo").items[:10]
+    with pytest.raises(ValueError, match="holds plain texts"):
+        records_of("demo-prose", None, limit=10)
+
+
+def test_source_file_names_the_file_read_offline(tmp_path: Path) -> None:
+    assert source_file("demo") == BUILTIN_DIR / "demo_tasks.jsonl"
+    assert source_file("demo-prose", data_dir=tmp_path) == BUILTIN_DIR / "demo_prose.txt"
+    assert source_file("self") is None and source_file("c4") is None and source_file("c4", tmp_path) is None
+    (tmp_path / "c4").mkdir()
+    local = write_jsonl(tmp_path / LOCAL_FILES["c4"], [{"text": "x"}])
+    assert source_file("c4", tmp_path) == local
+    assert source_file(str(local)) == local and source_file(str(tmp_path / "nope.jsonl")) is None
