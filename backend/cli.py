@@ -1,4 +1,5 @@
-"""Command line: `python -m backend prune ...`, `... ppl ...` and `... eval ...`."""
+"""Command line: `python -m backend prune|ppl|eval ...`, and the store commands (run, sweep, list, show, export,
+report, worker, cancel) from backend.store_cli."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+from backend import store_cli
 
 USAGE_ERRORS = (ValueError, FileNotFoundError)
 
@@ -28,6 +31,46 @@ def common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    """What to prune and how to calibrate; shared by prune and run."""
+    parser.add_argument("--method", required=True, help="magnitude, wanda or sparsegpt")
+    parser.add_argument("--sparsity", type=parse_fraction, required=True, help="fraction of weights to remove, in [0, 1)")
+    parser.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4, 4:8")
+    parser.add_argument("--calibration", default="c4", help="c4, c4-validation, alpaca, unnatural, wikitext2, demo, "
+                                                           "demo-prose, self, a .jsonl/.json/.txt/.parquet file, "
+                                                           "or saved ids (.pt)")
+    add_calibration_arguments(parser)
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and the calibration set's size, seed and template; shared by prune, run and sweep."""
+    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), a hub id, or a local folder")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048; more than the "
+                                                                "model's context is an error)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--template", default="alpaca", help="prompt template for instruction records: alpaca or chat")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser, template_flag: str) -> None:
+    """What to evaluate; shared by eval, run and sweep (where --template names the calibration template)."""
+    parser.add_argument("--ppl", help="perplexity data, e.g. wikitext2")
+    parser.add_argument("--ppl-seqlen", type=int, default=512)
+    parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument("--jsd", help="instruction records for teacher-forced divergence, e.g. alpaca")
+    parser.add_argument("--tasks", help="instruction records for generated answers and EM/F1/ROUGE-1, e.g. unnatural")
+    parser.add_argument("--limit", type=int, default=100, help="records for divergence and for tasks (default 100)")
+    parser.add_argument(template_flag, dest="eval_template", default="auto",
+                        help="auto (chat template if the model has one), alpaca, unnatural (the paper's "
+                             "'{instruction} ###{input} ###Response:'), chat")
+    parser.add_argument("--all-tokens", action="store_true", help="divergence over every position, not only the response")
+    parser.add_argument("--log2", action="store_true", help="divergences in bits (JS bounded by 1) instead of nats")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    parser.add_argument("--judge-model", help="LLM judge model name at an OpenAI-compatible endpoint (key: OPENAI_API_KEY)")
+    parser.add_argument("--judge-base-url", help="endpoint, default $OPENAI_BASE_URL or OpenAI")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line (no usage dump) and exits 2."""
 
@@ -40,17 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     prune = sub.add_parser("prune", help="prune a model layer by layer and save it")
-    prune.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), a hub id, or a local folder")
-    prune.add_argument("--method", required=True, help="magnitude, wanda or sparsegpt")
-    prune.add_argument("--sparsity", type=parse_fraction, required=True, help="fraction of weights to remove, in [0, 1)")
-    prune.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4, 4:8")
-    prune.add_argument("--calibration", default="c4", help="c4, c4-validation, alpaca, unnatural, wikitext2, self, "
-                                                           "a .jsonl/.json/.txt/.parquet file, or saved ids (.pt)")
-    prune.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    prune.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048; more than the "
-                                                                "model's context is an error)")
-    prune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--template", default="alpaca", help="prompt template for instruction records: alpaca or chat")
+    add_spec_arguments(prune)
     prune.add_argument("--order", default="sequential", help="sequential (one pass per layer) or reference (two passes)")
     prune.add_argument("--per-row", action="store_true", help="magnitude: one threshold per row instead of per matrix")
     prune.add_argument("--include", action="append", help="fnmatch pattern of Linear names inside a layer to prune "
@@ -75,22 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="dense vs pruned: perplexity, JS/KL/flips, task scores, optional LLM judge")
     ev.add_argument("--dense", default="smollm2-135m", help="the dense model: smollm2-135m, a hub id or a folder")
     ev.add_argument("--pruned", required=True, help="the pruned model folder (from prune --save)")
-    ev.add_argument("--ppl", help="perplexity data, e.g. wikitext2")
-    ev.add_argument("--ppl-seqlen", type=int, default=512)
-    ev.add_argument("--ppl-windows", type=int, default=40)
-    ev.add_argument("--jsd", help="instruction records for teacher-forced divergence, e.g. alpaca")
-    ev.add_argument("--tasks", help="instruction records for generated answers and EM/F1/ROUGE-1, e.g. unnatural")
-    ev.add_argument("--limit", type=int, default=100, help="records for divergence and for tasks (default 100)")
-    ev.add_argument("--template", default="auto", help="auto (chat template if the model has one), alpaca, "
-                                                       "unnatural (the paper's '{instruction} ###{input} ###Response:'), chat")
-    ev.add_argument("--all-tokens", action="store_true", help="divergence over every position, not only the response")
-    ev.add_argument("--log2", action="store_true", help="divergences in bits (JS bounded by 1) instead of nats")
-    ev.add_argument("--max-new-tokens", type=int, default=32)
-    ev.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    ev.add_argument("--judge-model", help="LLM judge model name at an OpenAI-compatible endpoint (key: OPENAI_API_KEY)")
-    ev.add_argument("--judge-base-url", help="endpoint, default $OPENAI_BASE_URL or OpenAI")
+    add_eval_arguments(ev, template_flag="--template")
     ev.add_argument("--records", help="write one JSON line per example to this file")
     common(ev)
+    store_cli.add_parsers(sub, add_spec_arguments, add_calibration_arguments, add_eval_arguments)
     return parser
 
 
@@ -105,7 +126,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     from backend.calibrate import build_calibration, open_source
     from backend.export import save_pruned
     from compression.driver import ORDERS, peak_rss_mb, prune_model
-    from compression.masks import check_sparsity, parse_pattern
+    from compression.patterns import check_sparsity, parse_pattern
     from compression.methods import create
 
     pattern = parse_pattern(args.pattern)
@@ -195,12 +216,13 @@ def cmd_ppl(args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from backend import models
-    from backend.evaluate import EvalSettings, evaluate
+    from backend.evaluate import evaluate
+    from backend.spec import EvalSettings
 
     if not (args.ppl or args.jsd or args.tasks):
         args.ppl, args.jsd, args.tasks = "wikitext2", "alpaca", "unnatural"
     settings = EvalSettings(ppl=args.ppl, ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows, jsd=args.jsd,
-                            tasks=args.tasks, limit=args.limit, template=args.template,
+                            tasks=args.tasks, limit=args.limit, template=args.eval_template,
                             response_only=not args.all_tokens, log2=args.log2, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, judge_model=args.judge_model,
                             judge_base_url=args.judge_base_url)
@@ -274,14 +296,18 @@ def print_ppl(result: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"prune": (cmd_prune, print_prune_table), "ppl": (cmd_ppl, print_ppl), "eval": (cmd_eval, print_eval)}
+    commands = {"prune": (cmd_prune, print_prune_table), "ppl": (cmd_ppl, print_ppl), "eval": (cmd_eval, print_eval),
+                **store_cli.COMMANDS}
     run, show = commands[args.command]
     try:
         result = run(args)
     except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.json:
+    except store_cli.RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
         print(json.dumps(result, default=str))
     else:
         show(result)

@@ -3,49 +3,20 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from backend.data import Dataset, load_source
 from backend.models import LoadedModel
+from backend.spec import EvalSettings
 from metrics.divergence import model_divergence, teacher_forced
 from metrics.generation import generate
 from metrics.judge import JudgeConfig, judge
 from metrics.perplexity import perplexity
-from metrics.prompts import TEMPLATES, full_text_renderer, prompt_renderer
+from metrics.prompts import full_text_renderer, prompt_renderer
 from metrics.scoring import clean_output, compare_outputs
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What to measure; a source of None skips that part."""
-
-    ppl: str | None = "wikitext2"
-    ppl_seqlen: int = 512
-    ppl_windows: int = 40
-    jsd: str | None = "alpaca"
-    tasks: str | None = "unnatural"
-    limit: int = 100
-    template: str = "auto"
-    response_only: bool = True
-    log2: bool = False
-    max_new_tokens: int = 32
-    batch_size: int = 16
-    judge_model: str | None = None
-    judge_base_url: str | None = None
-
-    def check(self) -> None:
-        """Reject bad values with the field's name and what is allowed."""
-        if self.template not in ("auto", *TEMPLATES):
-            raise ValueError(f"template {self.template!r} is not allowed: use auto, {', '.join(TEMPLATES)}")
-        for name in ("ppl_seqlen", "ppl_windows", "limit", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} {getattr(self, name)} is not allowed: use at least 1")
-        if not (self.ppl or self.jsd or self.tasks):
-            raise ValueError("nothing to evaluate: give at least one of --ppl, --jsd, --tasks")
 
 
 def template_for(settings: EvalSettings, tokenizer, source: str) -> str:
@@ -74,27 +45,63 @@ def records_of(source: str, data_dir: str | None, limit: int) -> list[dict]:
     return dataset.items
 
 
+def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: str | None = None,
+                 log: Log = lambda _m: None, progress: Progress = lambda _stage, _done, _total: None) -> dict:
+    """What one model scores on its own: perplexity, generated answers and their judge verdicts. For the dense
+    model this depends only on the model and the settings, so a store can compute it once and reuse it."""
+    out: dict = {"seconds": {}}
+    if settings.ppl:
+        texts_source, texts = perplexity_texts(settings.ppl, data_dir)
+        started = time.perf_counter()
+        result = perplexity(lm.model, lm.tokenizer, texts, settings.ppl_seqlen, settings.ppl_windows,
+                            source=f"{settings.ppl} ({texts_source.origin})",
+                            progress=lambda d, n: progress(f"perplexity {side}", d, n))
+        out["ppl"] = result.ppl
+        out["ppl_protocol"] = {k: v for k, v in result.to_dict().items() if k not in ("ppl", "nll", "seconds")}
+        out["seconds"][f"ppl_{side}"] = time.perf_counter() - started
+        log(f"perplexity {side}: {result.ppl:.3f} ({result.windows} x {result.seqlen} tokens)")
+    if settings.tasks:
+        records = records_of(settings.tasks, data_dir, settings.limit)
+        prompts = [prompt_renderer(template_for(settings, lm.tokenizer, settings.tasks), lm.tokenizer)(r)
+                   for r in records]
+        started = time.perf_counter()
+        raw = generate(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                       progress=lambda d, n: progress(f"answers {side}", d, n))
+        out["outputs"] = [clean_output(text) for text in raw]
+        out["seconds"][f"generate_{side}"] = time.perf_counter() - started
+        log(f"generated {len(prompts)} answers with the {side} model")
+        if settings.judge_model:
+            config = JudgeConfig(model=settings.judge_model, base_url=settings.judge_base_url)
+            started = time.perf_counter()
+            verdict = judge([{"id": f"task-{i}", "instruction": r["instruction"], "input": r.get("input", ""),
+                              "reference": r["output"], "response": answer}
+                             for i, (r, answer) in enumerate(zip(records, out["outputs"]))], config,
+                            progress=lambda d, n: progress(f"judge {side}", d, n))
+            out["judge"] = {**verdict.means, "overall": verdict.overall, "judged": verdict.judged,
+                            "failed": verdict.failed}
+            out["judge_records"] = verdict.records
+            out["seconds"][f"judge_{side}"] = time.perf_counter() - started
+    return out
+
+
 def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, data_dir: str | None = None,
-             log: Log = lambda _m: None, progress: Progress = lambda _stage, _done, _total: None
-             ) -> tuple[dict, list[dict]]:
+             log: Log = lambda _m: None, progress: Progress = lambda _stage, _done, _total: None,
+             dense_side: dict | None = None) -> tuple[dict, list[dict]]:
     """Returns the summary (dense and pruned metrics, divergences, seconds) and the per-example records;
-    `progress(stage, done, total)` is called as each stage advances."""
+    `progress(stage, done, total)` is called as each stage advances. `dense_side`, from `measure_side` on the
+    dense model with the same settings, skips recomputing it."""
     settings.check()
-    summary: dict = {"dense": {}, "pruned": {}, "seconds": {}, "protocol": {}}
+    if dense_side is None:
+        dense_side = measure_side(dense, settings, "dense", data_dir, log, progress)
+    pruned_side = measure_side(pruned, settings, "pruned", data_dir, log, progress)
+    summary: dict = {"dense": {}, "pruned": {}, "seconds": {**dense_side["seconds"], **pruned_side["seconds"]},
+                     "protocol": {}}
     examples: list[dict] = []
     tokenizer = dense.tokenizer
 
     if settings.ppl:
-        texts_source, texts = perplexity_texts(settings.ppl, data_dir)
-        for side, lm in (("dense", dense), ("pruned", pruned)):
-            started = time.perf_counter()
-            result = perplexity(lm.model, lm.tokenizer, texts, settings.ppl_seqlen, settings.ppl_windows,
-                                source=f"{settings.ppl} ({texts_source.origin})",
-                                progress=lambda d, n, side=side: progress(f"perplexity {side}", d, n))
-            summary[side]["ppl"] = result.ppl
-            summary["seconds"][f"ppl_{side}"] = time.perf_counter() - started
-            log(f"perplexity {side}: {result.ppl:.3f} ({result.windows} x {result.seqlen} tokens)")
-        summary["protocol"]["ppl"] = {k: v for k, v in result.to_dict().items() if k not in ("ppl", "nll", "seconds")}
+        summary["dense"]["ppl"], summary["pruned"]["ppl"] = dense_side["ppl"], pruned_side["ppl"]
+        summary["protocol"]["ppl"] = pruned_side["ppl_protocol"]
 
     if settings.jsd:
         records = records_of(settings.jsd, data_dir, settings.limit)
@@ -118,38 +125,21 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
 
     if settings.tasks:
         records = records_of(settings.tasks, data_dir, settings.limit)
-        template = template_for(settings, tokenizer, settings.tasks)
-        prompts = [prompt_renderer(template, tokenizer)(r) for r in records]
-        outputs = {}
-        for side, lm in (("dense", dense), ("pruned", pruned)):
-            started = time.perf_counter()
-            raw = generate(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
-                           progress=lambda d, n, side=side: progress(f"answers {side}", d, n))
-            outputs[side] = [clean_output(text) for text in raw]
-            summary["seconds"][f"generate_{side}"] = time.perf_counter() - started
-            log(f"generated {len(prompts)} answers with the {side} model")
-        compared = compare_outputs(records, outputs["dense"], outputs["pruned"])
+        compared = compare_outputs(records, dense_side["outputs"], pruned_side["outputs"])
         for side in ("dense", "pruned"):
             summary[side].update(compared[side])
         summary["flips_lost"], summary["flips_gained"] = compared["flips_lost"], compared["flips_gained"]
-        summary["protocol"]["tasks"] = {"source": settings.tasks, "examples": compared["n"], "template": template,
+        summary["protocol"]["tasks"] = {"source": settings.tasks, "examples": compared["n"],
+                                        "template": template_for(settings, tokenizer, settings.tasks),
                                         "max_new_tokens": settings.max_new_tokens, "decoding": "greedy"}
         task_examples = [{**e, "id": f"task-{i}", "kind": "task",
                           "dense": {m: e[f"{m}_dense"] for m in ("em", "f1", "rouge1")},
                           "pruned": {m: e[f"{m}_pruned"] for m in ("em", "f1", "rouge1")}}
                          for i, e in enumerate(compared["examples"])]
         if settings.judge_model:
-            config = JudgeConfig(model=settings.judge_model, base_url=settings.judge_base_url)
-            started = time.perf_counter()
-            for side in ("dense", "pruned"):
-                verdict = judge([{"id": e["id"], "instruction": e["instruction"], "input": e["input"],
-                                  "reference": e["reference"], "response": e[f"output_{side}"]}
-                                 for e in task_examples], config,
-                                progress=lambda d, n, side=side: progress(f"judge {side}", d, n))
-                summary[side]["judge"] = {**verdict.means, "overall": verdict.overall, "judged": verdict.judged,
-                                          "failed": verdict.failed}
-                for example, record in zip(task_examples, verdict.records):
+            for side, measured in (("dense", dense_side), ("pruned", pruned_side)):
+                summary[side]["judge"] = measured["judge"]
+                for example, record in zip(task_examples, measured["judge_records"]):
                     example[f"judge_{side}"] = record
-            summary["seconds"]["judge"] = time.perf_counter() - started
         examples.extend(task_examples)
     return summary, examples
