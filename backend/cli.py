@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 from backend import store_cli
@@ -266,7 +265,8 @@ def print_eval(result: dict) -> None:
               f"  flip rate {result['flip_rate']:.3f}  ({p['samples']} {p['source']} records, {p['scored_tokens']} "
               f"{p['positions']} tokens, log base {p['log']})")
     if "flips_lost" in result:
-        print(f"answers lost {result['flips_lost']}, gained {result['flips_gained']}")
+        print(f"answers lost {result['flips_lost']}, gained {result['flips_gained']}; JS along the pruned answers "
+              f"{result['answer_jsd']:.4f}")
     print("seconds: " + "  ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
 
 

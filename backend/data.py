@@ -174,7 +174,7 @@ def _load_named(name: str, folder: Path | None, limit: int | None) -> Dataset:
     if folder is not None and (folder / rel).is_file():
         path = folder / rel
         return Dataset(name=name, kind=SOURCE_KINDS[name], items=_read_named(name, path, limit), origin=str(path))
-    if not _hub_available():
+    if not hub_reachable():
         raise DataSourceError(_offline_message(name, folder))
     items = _load_hub(name, limit)
     return Dataset(name=name, kind=SOURCE_KINDS[name], items=items, origin=f"hub:{HUB_IDS[name]}")
@@ -214,7 +214,7 @@ def _offline_message(name: str, folder: Path | None) -> str:
     )
 
 
-def _hub_available() -> bool:
+def hub_reachable() -> bool:
     """False when offline mode is set or the hub host does not answer, without waiting long."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in _TRUE:

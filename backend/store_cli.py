@@ -7,16 +7,16 @@ import argparse
 import csv
 import itertools
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from backend.artifacts import MODEL_ARTIFACT, intact, problems
-from backend.spec import EvalSettings, RunSpec, SpecError, fingerprints, run_id
+from backend.service import start, submit
+from backend.spec import EvalSettings, RunSpec
 from backend.store import ACTIVE, Store, StoreError
-from backend.worker import ensure_worker, serve
+from backend.worker import serve
 
 POLL_S = 0.5
 
@@ -87,16 +87,6 @@ def spec_from(args: argparse.Namespace, method: str, sparsity: float, pattern: s
                    evaluation=evaluation_from(args)).normalised()
 
 
-def submit(store: Store, spec: RunSpec, data_dir: str | None) -> dict:
-    """Queue a spec (or find it done); returns the run id, the state and whether it was served from the store."""
-    if spec.evaluation.judge_model and not os.environ.get("OPENAI_API_KEY"):
-        raise SpecError("judge_model needs an API key: set OPENAI_API_KEY (it is never written anywhere)")
-    prints = fingerprints(spec, data_dir)
-    rid = run_id(spec, prints)
-    submission = store.submit(spec, prints, rid, artifacts_ok=intact(store, rid), data_dir=data_dir)
-    return {"run_id": rid, "state": submission.state, "cached": submission.cached, "job_id": submission.job_id}
-
-
 def wait(store: Store, run_ids: list[str], quiet: bool = False) -> None:
     """Poll until every run's latest job is final, drawing one progress line on stderr."""
     from tqdm import tqdm
@@ -112,9 +102,9 @@ def wait(store: Store, run_ids: list[str], quiet: bool = False) -> None:
                 pending.discard(rid)
                 if bar:
                     bar.update(1)
-            elif bar:
+            elif bar and job["state"] == "running":
                 step = f" {job['done']}/{job['total']}" if job["total"] else ""
-                bar.set_postfix_str(f"{rid[:8]} {job['stage'] or job['state']}{step}"[:60])
+                bar.set_postfix_str(f"{rid[:8]} {job['stage']}{step}"[:60])
         if pending:
             time.sleep(POLL_S)
     if bar:
@@ -132,10 +122,9 @@ def outcome(store: Store, rid: str, cached: bool = False) -> dict:
 def cmd_run(args: argparse.Namespace) -> dict:
     spec = spec_from(args, args.method, args.sparsity, args.pattern, args.calibration)
     store = Store(args.store)
-    submitted = submit(store, spec, args.data_dir)
+    submitted = submit(store, spec, args.data_dir, args.device)
     if submitted["cached"]:
         return outcome(store, submitted["run_id"], cached=True)
-    ensure_worker(store.root, args.device)
     if args.detach:
         return {**submitted, "store": str(store.root)}
     wait(store, [submitted["run_id"]])
@@ -150,11 +139,9 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
              for method, sparsity, calibration, pattern in itertools.product(
                  args.methods, args.sparsities, args.calibrations, args.patterns)]
     store = Store(args.store)
-    submitted = [submit(store, spec, args.data_dir) for spec in specs]
-    if not all(s["cached"] for s in submitted):
-        ensure_worker(store.root, args.device)
-        if not args.detach:
-            wait(store, [s["run_id"] for s in submitted])
+    submitted = [submit(store, spec, args.data_dir, args.device) for spec in specs]
+    if not args.detach:
+        wait(store, [s["run_id"] for s in submitted if not s["cached"]])
     ids = {s["run_id"] for s in submitted}
     rows = [r for r in store.runs() if r["run_id"] in ids]
     return {"runs": rows, "cached": sum(s["cached"] for s in submitted), "queued": len(submitted)}
@@ -185,7 +172,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
         spec = store.spec(rid)
         job = store.latest_job(rid)
         store.submit(spec, store.fingerprints(rid), rid, artifacts_ok=False, data_dir=job and job["data_dir"])
-        ensure_worker(store.root)
+        start(store.root)
         wait(store, [rid])
         if not intact(store, rid, full=True):
             raise RunFailed(f"run {rid}: rebuilding the pruned model failed: {store.latest_job(rid)['message']}")

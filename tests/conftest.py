@@ -65,3 +65,42 @@ def tiny_folder(tmp_path_factory, tokenizer) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def backend_cli(store: Path, *args: str, check: bool = True) -> dict:
+    """`python -m backend ... --store S --json` in a fresh process; returns its JSON."""
+    import json
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "backend", *args, "--store", str(store), "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout) if done.stdout.strip() else {"returncode": done.returncode, "stderr": done.stderr}
+
+
+def stop_worker(store: Path) -> None:
+    """SIGTERM the worker that holds the store's lock, if any."""
+    import os
+    import signal
+    lock = store / "worker.lock"
+    if lock.is_file() and lock.read_text().strip():
+        try:
+            os.kill(int(lock.read_text()), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+TINY_EVAL = ("--ppl", "demo-prose", "--ppl-seqlen", "64", "--ppl-windows", "2", "--jsd", "demo", "--tasks", "demo",
+             "--limit", "6", "--max-new-tokens", "4")
+
+
+@pytest.fixture(scope="session")
+def filled_store(tmp_path_factory, tiny_folder) -> Path:
+    """A store with four finished runs of the tiny model (wanda and magnitude x two built-in calibration sets),
+    made by the real CLI and worker; offline, so it needs no shared data."""
+    root = tmp_path_factory.mktemp("filled-store")
+    backend_cli(root, "sweep", "--model", str(tiny_folder), "--methods", "wanda", "magnitude", "--sparsities", "0.5",
+                "--calibrations", "demo-prose", "demo", "--nsamples", "4", "--seqlen", "64", *TINY_EVAL)
+    yield root
+    stop_worker(root)

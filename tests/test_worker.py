@@ -15,18 +15,10 @@ import pytest
 
 from backend.artifacts import MODEL_ARTIFACT, sha256
 from backend.store import Store
-from tests.conftest import ROOT, needs_shared
+from tests.conftest import ROOT, needs_shared, stop_worker
+from tests.conftest import backend_cli as cli
 
 pytestmark = needs_shared
-
-
-def cli(store: Path, *args: str, check: bool = True) -> dict:
-    """`python -m backend ... --store S --json` in a fresh process; returns its JSON."""
-    done = subprocess.run([sys.executable, "-m", "backend", *args, "--store", str(store), "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout) if done.stdout.strip() else {"returncode": done.returncode, "stderr": done.stderr}
 
 
 def run_args(model: Path, method: str = "wanda", *extra: str) -> list[str]:
@@ -34,15 +26,6 @@ def run_args(model: Path, method: str = "wanda", *extra: str) -> list[str]:
             "--nsamples", "4", "--seqlen", "64", "--ppl", "wikitext2", "--ppl-seqlen", "64", "--ppl-windows", "2",
             "--jsd", "demo", "--tasks", "demo", "--limit", "4", "--max-new-tokens", "4", "--data-dir",
             str(ROOT.parent / "shared" / "data"), *extra]
-
-
-def stop_worker(store: Path) -> None:
-    lock = store / "worker.lock"
-    if lock.is_file() and lock.read_text().strip():
-        try:
-            os.kill(int(lock.read_text()), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(scope="module")

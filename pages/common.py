@@ -1,0 +1,152 @@
+"""Helpers shared by the pages: the store, the run picker bound to the URL, and small formatting."""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+
+import streamlit as st
+
+from backend.store import Store
+
+
+def store() -> Store:
+    """The results store the CLI uses too ($PRUNESCOPE_STORE, else the user data directory)."""
+    return Store()
+
+
+def data_dir() -> str | None:
+    """The data folder for named sources: the one chosen on the Run page, else $PRUNESCOPE_DATA_DIR."""
+    return st.session_state.get("data_dir") or os.environ.get("PRUNESCOPE_DATA_DIR") or None
+
+
+def label(row: dict) -> str:
+    """A run as one line: id, method, sparsity, pattern, calibration, model."""
+    name = os.path.basename(str(row["model"]).rstrip("/")) or row["model"]
+    return (f"{row['run_id'][:8]} · {row['method']} {row['sparsity']:.0%} {row['pattern']} · "
+            f"{os.path.basename(row['calibration'])} · {name}")
+
+
+def pick_run(rows: list[dict], key: str = "run", title: str = "Run", optional: bool = False) -> dict | None:
+    """A run selector whose choice lives in the URL's query parameter `key`, so the view can be shared."""
+    if not rows:
+        return None
+    ids = [r["run_id"] for r in rows]
+    wanted = st.query_params.get(key)
+    options = ([None] if optional else []) + ids
+    index = options.index(wanted) if wanted in options else 0
+    by_id = {r["run_id"]: r for r in rows}
+    chosen = st.selectbox(title, options, index=index, key=f"pick-{key}",
+                          format_func=lambda rid: "—" if rid is None else label(by_id[rid]))
+    if chosen is None:
+        st.query_params.pop(key, None)
+        return None
+    if st.query_params.get(key) != chosen:
+        st.query_params[key] = chosen
+    return by_id[chosen]
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+# helpers of the Compare, Layers and Generations pages (pure: no Streamlit calls, so tests import them)
+
+LN2 = math.log(2)
+JSD_RGB = (239, 85, 59)
+
+
+def filter_value(row: dict, field: str) -> str:
+    """A run's value of a filter field as the string kept in the URL (sparsity as 0.5, not 0.5000)."""
+    value = row.get(field)
+    if value is None:
+        return "–"
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def filter_rows(rows: list[dict], chosen: dict[str, list[str]]) -> list[dict]:
+    """The rows whose every filtered field is one of the chosen values; an empty choice keeps all."""
+    return [r for r in rows if all(not values or filter_value(r, field) in values for field, values in chosen.items())]
+
+
+def selected_run(event, fig) -> str | None:
+    """The run id of the first selected point of a tradeoff scatter's selection event: the point's customdata[0],
+    else its curve_number / point_index looked up in the figure's traces; None when nothing is selected."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return None
+    for point in points or []:
+        custom = point.get("customdata")
+        if isinstance(custom, (list, tuple)) and custom and isinstance(custom[0], str):
+            return custom[0]
+        if isinstance(custom, str):
+            return custom
+        curve = point.get("curve_number")
+        index = point.get("point_index", point.get("point_number"))
+        if curve is None or index is None or not 0 <= curve < len(fig.data):
+            continue
+        data = fig.data[curve].customdata
+        if data is not None and 0 <= index < len(data):
+            item = data[index]
+            return str(item if isinstance(item, str) else item[0])
+    return None
+
+
+def _em(example: dict, side: str) -> float | None:
+    scores = example.get(side)
+    value = scores.get("em") if isinstance(scores, dict) else None
+    return example.get(f"em_{side}") if value is None else value
+
+
+FLIPS = {"all": "all examples", "lost": "only flipped: right under dense, wrong pruned",
+         "gained": "only flipped the other way: wrong under dense, right pruned"}
+
+
+def filter_flips(examples: list[dict], which: str = "all") -> list[dict]:
+    """Task examples whose exact match flipped: "lost" (dense EM 1, pruned EM 0), "gained" (the reverse), or all."""
+    if which == "all":
+        return list(examples)
+    if which not in FLIPS:
+        raise ValueError(f"unknown flip filter {which!r}: use one of {', '.join(FLIPS)}")
+    want = (1.0, 0.0) if which == "lost" else (0.0, 1.0)
+    return [e for e in examples if (_em(e, "dense"), _em(e, "pruned")) == want]
+
+
+def by_divergence(examples: list[dict], key: str) -> list[dict]:
+    """Examples with the largest `key` first; those without a value last, in their order."""
+    def value(example: dict) -> float:
+        v = example.get(key)
+        return -float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
+    return sorted(examples, key=value)
+
+
+def _alpha(value, top: float) -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or top <= 0:
+        return 0.0
+    return min(max(value / top, 0.0), 1.0)
+
+
+def token_html(tokens: list[str], values: list[float | None], top: float = LN2) -> str:
+    """Tokens as escaped HTML spans whose background opacity is value / top (JSD's maximum: ln 2, or 1 in bits),
+    each titled with its value; tokens past the end of `values` are left uncoloured."""
+    r, g, b = JSD_RGB
+    spans = []
+    for i, token in enumerate(tokens):
+        value = values[i] if i < len(values) else None
+        title = f"JSD {value:.4f}" if isinstance(value, (int, float)) else "JSD –"
+        spans.append(f'<span style="background-color: rgba({r}, {g}, {b}, {_alpha(value, top):.3f}); '
+                     f'border-radius: 3px" title="{html.escape(title)}">{html.escape(str(token))}</span>')
+    return ('<div style="white-space: pre-wrap; line-height: 1.7; font-family: ui-monospace, monospace; '
+            'font-size: 0.9em">' + "".join(spans) + "</div>")
+
+
+def jsd_legend(top: float = LN2) -> str:
+    """A one-line legend of the token colouring, from 0 to the maximum JSD."""
+    r, g, b = JSD_RGB
+    steps = "".join(f'<span style="background-color: rgba({r}, {g}, {b}, {f:.2f}); padding: 0 0.6em" '
+                    f'title="JSD {f * top:.3f}">{f * top:.2f}</span>' for f in (0, 0.25, 0.5, 0.75, 1))
+    unit = "bits" if abs(top - 1.0) < 1e-9 else "nats"
+    return (f'<div style="font-size: 0.85em">token background = Jensen-Shannon divergence of dense vs pruned '
+            f'next-token distributions ({unit}, max {top:.3f}): {steps}</div>')

@@ -1,0 +1,70 @@
+"""Home: what PruneScope shows, the store at a glance, and a one-click demo run."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from backend import charts, service
+from backend.spec import DEFAULT_MODEL, EvalSettings, RunSpec, SpecError
+from pages.common import data_dir, fmt, label, store
+
+st.title("✂️ PruneScope")
+st.markdown(
+    "Pruning a language model to 50% sparsity with **SparseGPT** or **Wanda** barely moves its perplexity, yet its "
+    "answers get worse. PruneScope shows that gap: prune any Hugging Face causal LM (Magnitude, Wanda, SparseGPT; "
+    "unstructured, 2:4, 4:8) with the calibration data of your choice, then compare dense and pruned models by "
+    "**perplexity**, **Jensen-Shannon divergence** of their next-token distributions, **task scores** (EM, F1, "
+    "ROUGE-1) and an optional **LLM judge**, down to each layer and each generated token."
+)
+
+
+def demo_spec(status: dict[str, str]) -> RunSpec:
+    """Wanda 50% on the embedded model with C4 calibration, or text the model writes itself when C4 cannot load;
+    evaluated on the real samples when present, else on the built-in demo data."""
+    usable = {name for name, state in status.items() if state != "unavailable"}
+
+    def pick(wanted: str, fallback: str) -> str:
+        return wanted if wanted in usable else fallback
+
+    return RunSpec(method="wanda", sparsity=0.5, model=DEFAULT_MODEL, calibration=pick("c4", "self"), nsamples=32,
+                   seqlen=256, evaluation=EvalSettings(ppl=pick("wikitext2", "demo-prose"), ppl_windows=10,
+                                                      jsd=pick("alpaca", "demo"), tasks=pick("unnatural", "demo"),
+                                                      limit=40))
+
+
+db = store()
+rows = db.runs()
+frame = charts.frame(rows)
+finished = charts.done(frame)
+cols = st.columns(4)
+cols[0].metric("Runs in the store", len(rows))
+cols[1].metric("Finished", len(finished))
+cols[2].metric("Models", frame["model"].nunique() if len(frame) else 0)
+cols[3].metric("Active", sum(r["state"] in ("queued", "running") for r in rows))
+st.caption(f"Store: {db.root}")
+
+if not finished.empty and finished["jsd"].notna().any():
+    ranked = finished.dropna(subset=["jsd"]).sort_values("jsd")
+    by_id = {r["run_id"]: r for r in rows}
+    best, worst = by_id[ranked.iloc[0]["run_id"]], by_id[ranked.iloc[-1]["run_id"]]
+    left, right = st.columns(2)
+    left.markdown(f"**Closest to dense** (lowest JS divergence): {label(best)} — JS {fmt(best['jsd'], '.4f')}, "
+                  f"perplexity {fmt(best['dense_ppl'], '.2f')} → {fmt(best['pruned_ppl'], '.2f')}")
+    right.markdown(f"**Furthest from dense**: {label(worst)} — JS {fmt(worst['jsd'], '.4f')}, perplexity "
+                   f"{fmt(worst['dense_ppl'], '.2f')} → {fmt(worst['pruned_ppl'], '.2f')}")
+
+st.subheader("Try it")
+status = service.source_status(data_dir())
+spec = demo_spec(status)
+st.write(f"The demo prunes the embedded {DEFAULT_MODEL} with {spec.summary()}, then evaluates it on "
+         f"{spec.evaluation.ppl}, {spec.evaluation.jsd} and {spec.evaluation.tasks} ({spec.evaluation.limit} "
+         f"examples). It takes a few minutes on a laptop CPU; a finished demo is served from the store at once.")
+if st.button("Start the demo", type="primary", icon="▶️"):
+    try:
+        submitted = service.submit(db, spec, data_dir())
+    except (SpecError, ValueError) as err:
+        st.error(str(err))
+    else:
+        st.session_state["cached"] = submitted["run_id"] if submitted["cached"] else None
+        st.switch_page("pages/run.py", query_params={"run": submitted["run_id"]})
+st.page_link("pages/run.py", label="Or choose your own model, method and data", icon="🚀")
