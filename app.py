@@ -4,10 +4,10 @@ import streamlit as st
 
 st.set_page_config(page_title="PruneScope", page_icon="✂️", layout="wide")
 PAGES = [
-    st.Page("pages/home.py", title="Home", icon="🏠", default=True),
-    st.Page("pages/run.py", title="Run", icon="🚀"),
-    st.Page("pages/compare.py", title="Compare", icon="📈"),
-    st.Page("pages/layers.py", title="Layers", icon="🧱"),
-    st.Page("pages/generations.py", title="Generations", icon="💬"),
+    st.Page("views/home.py", title="Home", icon="🏠", default=True),
+    st.Page("views/run.py", title="Run", icon="🚀"),
+    st.Page("views/compare.py", title="Compare", icon="📈"),
+    st.Page("views/layers.py", title="Layers", icon="🧱"),
+    st.Page("views/generations.py", title="Generations", icon="💬"),
 ]
 st.navigation(PAGES).run()

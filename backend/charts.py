@@ -155,10 +155,11 @@ def metric_vs_sparsity(rows: Rows, metric: str) -> go.Figure:
     colours = _colours(df["method"].tolist())
     calibrations = sorted(df["calibration"].unique())
     patterns = sorted(df["pattern"].unique())
+    df["run_id"] = df["run_id"].astype(str)
+    averaged = df.groupby([*keys, "sparsity"], sort=True).agg(value=(metric, "mean"), n=(metric, "size"),
+                                                              runs=("run_id", ", ".join)).reset_index()
     fig = go.Figure()
-    for (model, method, calibration, pattern), group in df.groupby(keys, sort=True):
-        points = group.groupby("sparsity").agg(value=(metric, "mean"), n=(metric, "size"),
-                                               runs=("run_id", lambda s: ", ".join(map(str, s)))).reset_index()
+    for (model, method, calibration, pattern), points in averaged.groupby(keys, sort=True):
         name = " · ".join([*([model] if several_models else []), method, calibration,
                            *([pattern] if len(patterns) > 1 else [])])
         fig.add_trace(go.Scatter(

@@ -62,7 +62,7 @@ def submit(at: AppTest) -> AppTest:
 
 def test_the_run_page_serves_a_finished_spec_from_the_store_at_once(monkeypatch, filled_store, tiny_folder):
     at = app(monkeypatch, filled_store)
-    at.switch_page("pages/run.py").run()
+    at.switch_page("views/run.py").run()
     fill_form(at, str(tiny_folder), seed=0)
     jobs = Store(filled_store).db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
     at = submit(at)
@@ -75,7 +75,7 @@ def test_the_run_page_serves_a_finished_spec_from_the_store_at_once(monkeypatch,
 
 def test_the_run_page_reports_a_bad_spec_naming_the_value(monkeypatch, tmp_path, tiny_folder):
     at = app(monkeypatch, tmp_path)
-    at.switch_page("pages/run.py").run()
+    at.switch_page("views/run.py").run()
     fill_form(at, str(tiny_folder / "no-such-model"), seed=0)
     at = submit(at)
     assert not at.exception
@@ -85,7 +85,7 @@ def test_the_run_page_reports_a_bad_spec_naming_the_value(monkeypatch, tmp_path,
 
 def test_a_new_run_from_the_page_is_queued_polled_and_finishes(monkeypatch, tmp_path, tiny_folder):
     at = app(monkeypatch, tmp_path)
-    at.switch_page("pages/run.py").run()
+    at.switch_page("views/run.py").run()
     fill_form(at, str(tiny_folder), seed=3)
     try:
         at = submit(at)
@@ -102,7 +102,7 @@ def test_a_new_run_from_the_page_is_queued_polled_and_finishes(monkeypatch, tmp_
         stop_worker(tmp_path)
 
 
-@pytest.mark.parametrize("page", ["pages/home.py", "pages/run.py"])
+@pytest.mark.parametrize("page", ["views/home.py", "views/run.py"])
 def test_pages_render_with_a_run_in_the_url_that_is_not_in_the_store(monkeypatch, tmp_path, page):
     at = app(monkeypatch, tmp_path)
     at.query_params["run"] = "feedfacefeedface"

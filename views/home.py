@@ -6,7 +6,7 @@ import streamlit as st
 
 from backend import charts, service
 from backend.spec import DEFAULT_MODEL, EvalSettings, RunSpec, SpecError
-from pages.common import data_dir, fmt, label, store
+from views.common import data_dir, fmt, label, store
 
 st.title("✂️ PruneScope")
 st.markdown(
@@ -66,5 +66,5 @@ if st.button("Start the demo", type="primary", icon="▶️"):
         st.error(str(err))
     else:
         st.session_state["cached"] = submitted["run_id"] if submitted["cached"] else None
-        st.switch_page("pages/run.py", query_params={"run": submitted["run_id"]})
-st.page_link("pages/run.py", label="Or choose your own model, method and data", icon="🚀")
+        st.switch_page("views/run.py", query_params={"run": submitted["run_id"]})
+st.page_link("views/run.py", label="Or choose your own model, method and data", icon="🚀")

@@ -8,7 +8,7 @@ import streamlit as st
 
 from backend import service
 from backend.spec import DEFAULT_MODEL, METHODS, EvalSettings, RunSpec, SpecError
-from pages.common import data_dir, fmt, store
+from views.common import data_dir, fmt, store
 
 PATTERNS = ("unstructured", "2:4", "4:8")
 NONE = "(skip)"
@@ -103,9 +103,9 @@ def show_summary(detail: dict) -> None:
                    f"{summary['flips_gained']}.")
     links = st.columns(3)
     params = {"run": row["run_id"]}
-    links[0].page_link("pages/compare.py", label="Compare with other runs", icon="📈")
-    links[1].page_link("pages/layers.py", label="Per-layer heatmaps", icon="🧱", query_params=params)
-    links[2].page_link("pages/generations.py", label="Dense vs pruned answers", icon="💬", query_params=params)
+    links[0].page_link("views/compare.py", label="Compare with other runs", icon="📈")
+    links[1].page_link("views/layers.py", label="Per-layer heatmaps", icon="🧱", query_params=params)
+    links[2].page_link("views/generations.py", label="Dense vs pruned answers", icon="💬", query_params=params)
 
 
 @st.fragment(run_every=1.0)

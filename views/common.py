@@ -8,12 +8,26 @@ import os
 
 import streamlit as st
 
-from backend.store import Store
+from backend.store import Store, StoreError
 
 
 def store() -> Store:
     """The results store the CLI uses too ($PRUNESCOPE_STORE, else the user data directory)."""
     return Store()
+
+
+def finished_runs_or_stop(purpose: str) -> list[dict]:
+    """The store's finished runs; with none (or an unreadable store) says so, links to the Run page and stops."""
+    try:
+        rows = [r for r in store().runs() if r["state"] == "done"]
+    except StoreError as err:
+        st.error(str(err))
+        st.stop()
+    if not rows:
+        st.info(f"No finished runs yet: start one on the Run page, then {purpose} here.")
+        st.page_link("views/run.py", label="Run", icon="🚀")
+        st.stop()
+    return rows
 
 
 def data_dir() -> str | None:

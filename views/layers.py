@@ -1,0 +1,46 @@
+"""Layers: per decoder layer and module, how much a run pruned and how far each pruned layer's output moved; and the
+difference between two runs (e.g. the same method calibrated on C4 vs Alpaca)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from backend import charts
+from views.common import finished_runs_or_stop, label, pick_run, store
+
+VALUES = {"rel_error": "relative reconstruction error", "sparsity": "sparsity"}
+
+st.title("🧱 Layers")
+db = store()
+rows = finished_runs_or_stop("look at its layers")
+
+run = pick_run(rows, key="run")
+wanted = st.query_params.get("value")
+value = st.radio("Value", list(VALUES), index=list(VALUES).index(wanted) if wanted in VALUES else 0,
+                 format_func=VALUES.get, horizontal=True, key="layer-value")
+if st.query_params.get("value") != value:
+    st.query_params["value"] = value
+
+layers = db.layers(run["run_id"])
+if not layers:
+    st.caption("This run has no per-layer report.")
+else:
+    st.plotly_chart(charts.layer_heatmap(layers, value, title=f"{VALUES[value]} · {label(run)}"), key="heatmap")
+    with st.expander("Per-layer rows"):
+        st.dataframe(pd.DataFrame(layers).drop(columns=["run_id"], errors="ignore"), hide_index=True)
+
+st.subheader("Compare with another run")
+others = [r for r in rows if r["run_id"] != run["run_id"]]
+# the same pruning with another calibration first: the comparison this view is for
+others.sort(key=lambda r: (r["model"], r["method"], r["sparsity"], r["pattern"]) !=
+            (run["model"], run["method"], run["sparsity"], run["pattern"]))
+other = pick_run(others, key="vs", title="Compare with", optional=True) if others else None
+if other is None:
+    st.caption("Pick a second run to see the per-layer difference (this run minus that one), e.g. the same method "
+               "calibrated on other data.")
+else:
+    st.plotly_chart(charts.layer_difference(layers, db.layers(other["run_id"]), value,
+                                            title=f"{VALUES[value]}: {run['run_id'][:8]} - {other['run_id'][:8]}"),
+                    key="difference")
+    st.caption(f"a = {label(run)}  \nb = {label(other)}")
