@@ -15,7 +15,7 @@ import pytest
 
 from backend.artifacts import MODEL_ARTIFACT, sha256
 from backend.store import Store
-from tests.conftest import ROOT, needs_shared, stop_worker
+from tests.conftest import ROOT, TINY_EVAL, needs_shared, stop_worker
 from tests.conftest import backend_cli as cli
 
 pytestmark = needs_shared
@@ -135,3 +135,16 @@ def test_bad_specs_and_unknown_runs_are_one_line_errors(store, tiny_folder):
     missing = subprocess.run([sys.executable, "-m", "backend", "show", "zzzz", "--store", str(store)], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "run 'zzzz' is not in the store" in missing.stderr
+
+
+def test_the_whole_loop_runs_offline_with_self_calibration_and_demo_data(tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.delenv("PRUNESCOPE_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        done = cli(tmp_path, "run", "--model", str(tiny_folder), "--method", "sparsegpt", "--sparsity", "0.5",
+                   "--calibration", "self", "--nsamples", "2", "--seqlen", "32", *TINY_EVAL)
+    finally:
+        stop_worker(tmp_path)
+    assert done["state"] == "done"
+    assert done["protocol"]["ppl"]["source"].startswith("demo-prose (demo (built in)")
+    assert done["protocol"]["tasks"]["source"] == "demo" and done["pruned"]["f1"] is not None
