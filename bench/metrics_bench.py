@@ -110,7 +110,7 @@ def bench_generation(model, tok, data_dir: str, count: int) -> None:
             tokens = forced * len(answers) if forced else sum(len(tok(a).input_ids) + 1 for a in answers)
             speeds[size] = tokens / seconds
         print(f"greedy generation of {len(prompts)} Unnatural answers ({label}): batch 16 {speeds[16]:.0f} tokens/s "
-              f"vs batch 1 {speeds[1]:.0f} tokens/s: {speeds[16] / speeds[1]:.1f}x (target >= 4x)")
+              f"vs batch 1 {speeds[1]:.0f} tokens/s: {speeds[16] / speeds[1]:.2f}x (target >= 4x)")
 
 
 if __name__ == "__main__":
