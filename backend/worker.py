@@ -18,6 +18,7 @@ from backend.store import DB_NAME, Store
 
 LOCK_NAME = "worker.lock"
 LOG_NAME = "worker.log"
+LOG_KEEP_BYTES = 10 << 20
 HEARTBEAT_S = 2.0
 Log = Callable[[str], None]
 
@@ -50,7 +51,10 @@ def ensure_worker(root: Path, device: str = "auto") -> subprocess.Popen | None:
     root = Path(root)
     if worker_running(root):
         return None
-    log = open(root / LOG_NAME, "ab")
+    path = root / LOG_NAME
+    if path.is_file() and path.stat().st_size > LOG_KEEP_BYTES:
+        path.replace(path.with_name(LOG_NAME + ".1"))
+    log = open(path, "ab")
     command = [sys.executable, "-m", "backend", "worker", "--store", str(root), "--device", device]
     project = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}

@@ -148,3 +148,19 @@ def test_the_whole_loop_runs_offline_with_self_calibration_and_demo_data(tmp_pat
     assert done["state"] == "done"
     assert done["protocol"]["ppl"]["source"].startswith("demo-prose (demo (built in)")
     assert done["protocol"]["tasks"]["source"] == "demo" and done["pruned"]["f1"] is not None
+
+
+def test_a_sweep_again_is_served_from_the_store_and_list_show_report_read_it(filled_store, tiny_folder, tmp_path):
+    jobs = Store(filled_store).db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+    again = cli(filled_store, "sweep", "--model", str(tiny_folder), "--methods", "wanda", "magnitude", "--sparsities",
+                "0.5", "--calibrations", "demo-prose", "demo", "--nsamples", "4", "--seqlen", "64", *TINY_EVAL)
+    assert again["cached"] == again["queued"] == 4
+    assert Store(filled_store).db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == jobs
+    listed = cli(filled_store, "list")["runs"]
+    assert {r["run_id"] for r in listed} == {r["run_id"] for r in again["runs"]}
+    assert all(r["state"] == "done" and r["jsd"] is not None for r in listed)
+    shown = cli(filled_store, "show", listed[0]["run_id"][:6])
+    assert shown["run_id"] == listed[0]["run_id"] and len(shown["layers"]) == 2 * 7
+    report = cli(filled_store, "report", "--out", str(tmp_path / "report.html"))
+    page = (tmp_path / "report.html").read_text()
+    assert report["done"] == 4 and all(r["run_id"] in page for r in listed) and "<script src=" not in page
