@@ -95,11 +95,15 @@ def test_two_identical_submissions_at_the_same_moment_give_one_run_and_one_job(t
     assert db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
 
 
-def test_a_finished_run_is_served_from_the_store_and_a_failed_one_is_queued_again(tmp_path):
-    store = Store(tmp_path)
+def fresh(root) -> tuple[Store, RunSpec, dict, str]:
+    """A new store and the normalised SPEC with its fingerprints and run id."""
     spec = SPEC.normalised()
     prints = fingerprints(spec)
-    rid = run_id(spec, prints)
+    return Store(root), spec, prints, run_id(spec, prints)
+
+
+def test_a_finished_run_is_served_from_the_store_and_a_failed_one_is_queued_again(tmp_path):
+    store, spec, prints, rid = fresh(tmp_path)
     first = store.submit(spec, prints, rid)
     job = store.claim_next(pid=12345)
     assert job["job_id"] == first.job_id and store.claim_next(pid=12345) is None
@@ -119,10 +123,7 @@ def test_a_finished_run_is_served_from_the_store_and_a_failed_one_is_queued_agai
 
 
 def test_cancel_stops_a_queued_job_and_flags_a_running_one(tmp_path):
-    store = Store(tmp_path)
-    spec = SPEC.normalised()
-    prints = fingerprints(spec)
-    rid = run_id(spec, prints)
+    store, spec, prints, rid = fresh(tmp_path)
     store.submit(spec, prints, rid)
     assert store.cancel(rid) == "cancelled"
     assert store.cancel(rid) is None
@@ -133,10 +134,7 @@ def test_cancel_stops_a_queued_job_and_flags_a_running_one(tmp_path):
 
 
 def test_a_job_whose_worker_is_gone_becomes_interrupted(tmp_path):
-    store = Store(tmp_path)
-    spec = SPEC.normalised()
-    prints = fingerprints(spec)
-    rid = run_id(spec, prints)
+    store, spec, prints, rid = fresh(tmp_path)
     store.submit(spec, prints, rid)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
