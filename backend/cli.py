@@ -182,9 +182,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
             "peak_rss_mb": peak_rss_mb(), "peak_device_mb": report.peak_device_mb, "save_path": str(save_path),
             "overall_sparsity": report.overall_sparsity, "batch_size": report.batch_size,
             "error_tokens": report.error_tokens,
-            "layers": [{"name": r.name, "layer": r.layer, "module": r.module, "sparsity": r.sparsity,
-                        "rel_error": r.rel_error, "seconds": r.seconds, "shape": list(r.shape), "tokens": r.tokens,
-                        **({"note": r.note} if r.note else {})} for r in report.layers]}
+            "layers": [{k: v for k, v in row.items() if k != "note" or v} for row in report.to_dict()["layers"]]}
 
 
 def cmd_ppl(args: argparse.Namespace) -> dict:

@@ -102,10 +102,7 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = models.stderr
     pruned = prune_model(working.model, calibration, method, order=spec.order, device=working.device,
                          progress=on_layer)
     prune = {**pruned.to_dict(), "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
-    prune.pop("layers")
-    layers = [{"name": r.name, "layer": r.layer, "module": r.module, "sparsity": r.sparsity,
-               "rel_error": r.rel_error, "seconds": r.seconds, "shape": list(r.shape), "tokens": r.tokens}
-              for r in pruned.layers]
+    layers = prune.pop("layers")
     report("saving", message="writing the pruned model")
     folder = save_pruned(working.model, working.tokenizer, store.run_folder(run_id) / MODEL_ARTIFACT,
                          {"run_id": run_id, "spec": spec.to_dict(), "report": pruned.to_dict()})
@@ -118,14 +115,13 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = models.stderr
     dense_side = store.dense_result(key)
     reused = dense_side is not None
     if not reused:
-        dense_side = measure_side(dense, spec.evaluation, "dense", data_dir, log, lambda s, d, n: report(s, d, n))
+        dense_side = measure_side(dense, spec.evaluation, "dense", data_dir, log, report)
         store.save_dense_result(key, spec.model, dense_side)
     else:
         dense_side = {**dense_side, "seconds": {}}
         log(f"dense side of the evaluation reused ({key})")
     lm = replace(working, path=str(folder), name=f"{spec.model} ({spec.summary()})")
-    summary, examples = evaluate(dense, lm, spec.evaluation, data_dir, log, lambda s, d, n: report(s, d, n),
-                                 dense_side=dense_side)
+    summary, examples = evaluate(dense, lm, spec.evaluation, data_dir, log, report, dense_side=dense_side)
     summary["dense_reused"] = reused
     store.save_results(run_id, prune, layers, summary, examples)
     log(f"run {run_id}: done")
