@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -44,6 +45,20 @@ def worker_running(root: Path) -> bool:
         return True
     handle.close()
     return False
+
+
+def stop_worker(root: Path) -> int | None:
+    """SIGTERM the worker serving this store, if one holds its lock; returns its pid. A job it was running is
+    found interrupted later, like any other stop."""
+    lock = Path(root) / LOCK_NAME
+    if not worker_running(Path(root)) or not lock.read_text().strip():
+        return None
+    pid = int(lock.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return None
+    return pid
 
 
 def ensure_worker(root: Path, device: str = "auto") -> subprocess.Popen | None:

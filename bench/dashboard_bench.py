@@ -22,7 +22,6 @@ import itertools
 import math
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from backend.spec import RunSpec, run_id  # noqa: E402
 from backend.store import Store  # noqa: E402
+from backend.worker import stop_worker  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -74,12 +74,7 @@ def tiny_source_store(folder: Path) -> Path:
                            "--ppl", "demo-prose", "--ppl-seqlen", "64", "--ppl-windows", "2", "--jsd", "demo",
                            "--tasks", "demo", "--limit", "40", "--max-new-tokens", "8", "--store", str(store_dir),
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    lock = store_dir / "worker.lock"
-    if lock.is_file() and lock.read_text().strip():
-        try:
-            os.kill(int(lock.read_text()), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    stop_worker(store_dir)
     if done.returncode != 0:
         sys.exit(f"making the source run failed:\n{done.stderr[-3000:]}")
     print(f"source run: a tiny Llama pruned and evaluated by the worker in {time.perf_counter() - started:.1f} s")

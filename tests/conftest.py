@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from backend.worker import stop_worker
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,18 +79,6 @@ def backend_cli(store: Path, *args: str, check: bool = True) -> dict:
     if check:
         assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout) if done.stdout.strip() else {"returncode": done.returncode, "stderr": done.stderr}
-
-
-def stop_worker(store: Path) -> None:
-    """SIGTERM the worker that holds the store's lock, if any."""
-    import os
-    import signal
-    lock = store / "worker.lock"
-    if lock.is_file() and lock.read_text().strip():
-        try:
-            os.kill(int(lock.read_text()), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 TINY_EVAL = ("--ppl", "demo-prose", "--ppl-seqlen", "64", "--ppl-windows", "2", "--jsd", "demo", "--tasks", "demo",

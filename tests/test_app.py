@@ -8,7 +8,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from backend.store import Store
-from tests.conftest import ROOT, stop_worker
+from backend.worker import stop_worker
+from tests.conftest import ROOT
 
 
 def app(monkeypatch, store) -> AppTest:

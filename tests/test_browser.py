@@ -19,7 +19,8 @@ from urllib.parse import parse_qs, urljoin, urlparse
 
 import pytest
 
-from tests.conftest import ROOT, stop_worker
+from backend.worker import stop_worker
+from tests.conftest import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -15,7 +15,8 @@ import pytest
 
 from backend.artifacts import MODEL_ARTIFACT, sha256
 from backend.store import Store
-from tests.conftest import ROOT, TINY_EVAL, needs_shared, stop_worker
+from backend.worker import stop_worker
+from tests.conftest import ROOT, TINY_EVAL, needs_shared
 from tests.conftest import backend_cli as cli
 
 pytestmark = needs_shared
