@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+from collections import Counter
 from typing import Sequence
 
 from backend import store_cli
@@ -85,12 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_arguments(prune)
     prune.add_argument("--order", default="sequential", help="sequential (one pass per layer) or reference (two passes)")
     prune.add_argument("--per-row", action="store_true", help="magnitude: one threshold per row instead of per matrix")
-    prune.add_argument("--include", action="append", help="fnmatch pattern of Linear names inside a layer to prune "
-                                                          "(repeatable; default all), e.g. 'mlp.*'")
-    prune.add_argument("--exclude", action="append", help="fnmatch pattern of Linear names to leave dense (repeatable)")
+    prune.add_argument("--include", action="append", help="fnmatch pattern of matrix names inside a layer to "
+                        "prune (repeatable; default all), e.g. 'mlp.*' or 'mlp.experts.*.down_proj'")
+    prune.add_argument("--exclude", action="append", help="fnmatch pattern of matrix names to leave dense "
+                                                          "(repeatable)")
     prune.add_argument("--batch-size", type=int, help="calibration windows per forward (default: all that fit)")
     prune.add_argument("--error-tokens", type=int, default=256, help="calibration tokens sampled to measure each "
-                                                                     "Linear's reconstruction error (default 256)")
+                                                                     "matrix's reconstruction error (default 256)")
     prune.add_argument("--offload", action="store_true", help="keep the model on the CPU and move one layer at a "
                                                               "time to --device")
     prune.add_argument("--save", required=True, help="folder to write the pruned Hugging Face model into")
@@ -168,7 +171,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
                          offload=args.offload, progress=on_progress)
     bar.close()
     if not report.layers:
-        raise ValueError(f"no Linear layer matched --include {args.include} --exclude {args.exclude}")
+        raise ValueError(f"no weight matrix matched --include {args.include} --exclude {args.exclude}")
     stages.update(report.stages)
     spec = {"model": args.model, "model_path": lm.path, "method": args.method, "sparsity": args.sparsity,
             "pattern": str(pattern), "calibration": args.calibration, "nsamples": args.nsamples,
@@ -180,7 +183,9 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     stages["save"] = time.perf_counter() - t
     return {"spec": spec, "seconds": time.perf_counter() - started, "stages": stages,
             "peak_rss_mb": peak_rss_mb(), "peak_device_mb": report.peak_device_mb, "save_path": str(save_path),
-            "overall_sparsity": report.overall_sparsity, "batch_size": report.batch_size,
+            "overall_sparsity": report.overall_sparsity, "pruned_sparsity": report.pruned_sparsity,
+            "model_sparsity": report.model_sparsity, "model_parameters": report.model_parameters,
+            "kept": report.kept, "check": report.check, "batch_size": report.batch_size,
             "error_tokens": report.error_tokens,
             "layers": [{k: v for k, v in row.items() if k != "note" or v} for row in report.to_dict()["layers"]]}
 
@@ -268,21 +273,40 @@ def print_eval(result: dict) -> None:
     print("seconds: " + "  ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
 
 
+def table_module(module: str) -> str:
+    """Expert slices share one column per projection (`mlp.experts.3.down_proj` -> `mlp.experts.*.down_proj`)."""
+    return re.sub(r"\.\d+\.", ".*.", module)
+
+
 def print_prune_table(result: dict) -> None:
-    """Per decoder layer: reconstruction error (sparsity) of each module, then totals."""
-    rows: dict[int, dict[str, dict]] = {}
+    """Per decoder layer: reconstruction error (sparsity) of each module (experts averaged), then totals, what was
+    kept dense and why, and the check against the model's own forward."""
+    cells: dict[int, dict[str, list[dict]]] = {}
     for layer in result["layers"]:
-        rows.setdefault(layer["layer"], {})[layer["module"]] = layer
-    modules = list(dict.fromkeys(m for cells in rows.values() for m in cells))
+        cells.setdefault(layer["layer"], {}).setdefault(table_module(layer["module"]), []).append(layer)
+    modules = list(dict.fromkeys(m for row in cells.values() for m in row))
     width = max(15, *(len(m) for m in modules)) + 2
-    print("relative reconstruction error per Linear (achieved sparsity)")
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    print("relative reconstruction error per matrix (achieved sparsity); experts: the mean over experts")
     print(f"{'layer':>5}" + "".join(f"{m:>{width}}" for m in modules))
-    for index, cells in rows.items():
-        text = (f"{cells[m]['rel_error']:.4f} ({cells[m]['sparsity']:.3f})" if m in cells else "-" for m in modules)
+    for index, row in cells.items():
+        text = (f"{mean(row[m], 'rel_error'):.4f} ({mean(row[m], 'sparsity'):.3f})" if m in row else "-" for m in modules)
         print(f"{index:>5}" + "".join(f"{t:>{width}}" for t in text))
+    notes = Counter(r["note"] for r in result["layers"] if r.get("note"))
+    for note, count in notes.items():
+        print(f"{count} matrices: {note}")
+    kept = Counter(k["reason"] for k in result.get("kept", []))
+    kept_text = "; ".join(f"{n} kept dense: {reason}" for reason, n in kept.items()) or "none kept dense"
+    print(f"\nsparsity {result['overall_sparsity']:.4f} over every matrix in the decoder layers "
+          f"({result['pruned_sparsity']:.4f} over the {len(result['layers'])} pruned; {kept_text}) | model-wide "
+          f"{result['model_sparsity']:.4f} of {result['model_parameters'] / 1e6:.1f} M parameters (embeddings and "
+          f"lm_head included)")
+    check = result.get("check") or {}
+    if check:
+        print(f"check: the layer-by-layer pass matches the pruned model's own forward (relative difference "
+              f"{check['relative_difference']:.1e} on {check['tokens']} tokens)")
     stages = "  ".join(f"{k} {v:.1f}s" for k, v in result["stages"].items())
-    print(f"\noverall sparsity {result['overall_sparsity']:.4f} | {result['seconds']:.1f} s total | "
-          f"peak RSS {result['peak_rss_mb']:.0f} MB | saved to {result['save_path']}")
+    print(f"{result['seconds']:.1f} s total | peak RSS {result['peak_rss_mb']:.0f} MB | saved to {result['save_path']}")
     print(f"stages: {stages}")
 
 

@@ -24,17 +24,18 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from compression.layers import (call_layer, capture_first_layer_inputs, decoder_layers,
-                                linear_modules, select, weight_matrix)
+from compression.experts import ExpertsTap, projections
+from compression.layers import StopForward, call_layer, capture_layer_inputs, decoder_layers
 from compression.lockstep import Lockstep
 from compression.methods.base import Method, Statistics
+from compression.scope import LayerScope, check_scope, layer_scope
 
 ORDERS = ("sequential", "reference")
 
 
 @dataclass
-class LinearReport:
-    """What pruning did to one Linear."""
+class MatrixReport:
+    """What pruning did to one weight matrix (a Linear, or one expert's slice of a fused experts tensor)."""
 
     name: str
     layer: int
@@ -59,19 +60,32 @@ class PruneReport:
     seqlen: int
     batch_size: int
     error_tokens: int
-    layers: list[LinearReport] = field(default_factory=list)
+    layers: list[MatrixReport] = field(default_factory=list)
+    kept: list[dict] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     peak_device_mb: float | None = None
+    model_sparsity: float = float("nan")
+    model_parameters: int = 0
+    check: dict = field(default_factory=dict)
+
+    @property
+    def pruned_sparsity(self) -> float:
+        """Zeros over the matrices that were pruned."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(total, 1)
 
     @property
     def overall_sparsity(self) -> float:
-        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
-        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(total, 1)
+        """Zeros over every matrix in scope, the ones kept dense included."""
+        pruned = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = self.pruned_sparsity * pruned + sum(k["zeros"] for k in self.kept)
+        return zeros / max(pruned + sum(k["numel"] for k in self.kept), 1)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["overall_sparsity"] = self.overall_sparsity
+        data["pruned_sparsity"] = self.pruned_sparsity
         return data
 
 
@@ -148,17 +162,22 @@ class Stopwatch:
             self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - start
 
 
-def input_groups(layer: nn.Module, names: list[str], hidden: torch.Tensor, args: tuple, kwargs: dict) -> list[list[str]]:
+def first_sample(args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
+    """A layer's arguments cut to the first sample of a mini-batch of `batch` samples."""
+    one = lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch else t
+    return tuple(map(one, args)), {k: one(v) for k, v in kwargs.items()}
+
+
+def input_groups(layer: nn.Module, modules: dict[str, nn.Module], hidden: torch.Tensor, args: tuple,
+                 kwargs: dict) -> list[list[str]]:
     """Group Linears that read the very same input tensor, in call order, by running the layer on one sample.
     The inputs are kept alive during the probe, so a freed tensor's address cannot be reused by a later input."""
-    modules = linear_modules(layer)
     seen: list[tuple[torch.Tensor, str]] = []
-    handles = [modules[name].register_forward_pre_hook(lambda _m, inputs, name=name: seen.append((inputs[0], name)))
-               for name in names]
-    one = lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == hidden.shape[0] else t
+    handles = [m.register_forward_pre_hook(lambda _m, inputs, name=name: seen.append((inputs[0], name)))
+               for name, m in modules.items()]
     try:
         with torch.no_grad():
-            call_layer(layer, hidden[:1], tuple(map(one, args)), {k: one(v) for k, v in kwargs.items()})
+            call_layer(layer, hidden[:1], *first_sample(args, kwargs, hidden.shape[0]))
     finally:
         for h in handles:
             h.remove()
@@ -168,28 +187,30 @@ def input_groups(layer: nn.Module, names: list[str], hidden: torch.Tensor, args:
         if all(name not in g for g in groups.values()):
             groups.setdefault(key, []).append(name)
     called = list(groups.values())
-    return called + [[n] for n in names if all(n not in g for g in called)]
+    return called + [[n] for n in modules if all(n not in g for g in called)]
 
 
 def error_rows(total_tokens: int, error_tokens: int) -> torch.Tensor:
-    """Evenly spaced global token indices used to measure each Linear's reconstruction error."""
+    """Evenly spaced global token indices used to measure each matrix's reconstruction error."""
     count = min(total_tokens, error_tokens)
     return torch.linspace(0, total_tokens - 1, count).round().long().unique()
 
 
 class GroupState:
-    """Statistics and the error-measurement sample of one input-sharing group while it waits to be pruned."""
+    """Statistics and the error-measurement sample of matrices that read the same input, while they wait to be
+    pruned; `arrived` holds the mini-batches that have contributed."""
 
-    def __init__(self, names: list[str], modules: dict[str, nn.Module], method: Method, device: torch.device) -> None:
+    def __init__(self, names: list[str], weights: list[torch.Tensor], method: Method, device: torch.device) -> None:
         self.names = names
-        self.weights = [weight_matrix(modules[n]) for n in names]
-        d_in = self.weights[0].shape[1]
-        self.stats: Statistics | None = method.statistics(d_in, device) if method.needs_calibration else None
+        self.weights = weights
+        self.stats: Statistics | None = method.statistics(weights[0].shape[1], device) if method.needs_calibration else None
         self.sample: list[torch.Tensor] = []
-        self.arrived = 0
+        self.arrived: set[int] = set()
         self.done = False
+        self.note = ""
 
     def add(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+        """Accumulate [tokens, in] inputs; `rows` are the indices of x's rows in the error sample."""
         if self.stats is not None:
             self.stats.add(x)
         if len(rows):
@@ -200,10 +221,11 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
                 include: list[str] | None = None, exclude: list[str] | None = None, batch_size: int | None = None,
                 error_tokens: int = 256, device: torch.device | None = None, offload: bool = False,
                 progress: ProgressFn | None = None) -> PruneReport:
-    """Prune every selected Linear inside the decoder layers in place and report what happened.
+    """Prune every matrix in scope inside the decoder layers in place and report what happened to each one.
 
     calibration: [nsamples, seqlen] token ids. With `offload`, the model stays on the CPU and each decoder layer
-    visits `device` only while it is processed, so models larger than the accelerator can be pruned.
+    visits `device` only while it is processed, so models larger than the accelerator can be pruned. The run ends
+    by checking that its last layer's outputs equal the pruned model's own forward pass on one calibration sample.
     """
     if order not in ORDERS:
         raise ValueError(f"order {order!r} is not allowed: use one of {', '.join(ORDERS)}")
@@ -212,17 +234,20 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
     home = next(model.parameters()).device
     device = device or home
     dtype = next(model.parameters()).dtype
-    nsamples, seqlen = calibration.shape
     prefix, layers = decoder_layers(model)
+    scopes = [layer_scope(layer, include, exclude) for layer in layers]
+    check_scope(prefix, scopes, method.pattern)
     if not method.needs_calibration:
-        keep = min(nsamples, max(1, -(-error_tokens // seqlen)))
-        calibration = calibration[:keep]
-        nsamples = keep
+        calibration = calibration[:min(calibration.shape[0], max(1, -(-error_tokens // calibration.shape[1])))]
+    nsamples, seqlen = calibration.shape
     batch_size = min(batch_size or auto_batch_size(model, nsamples, seqlen, device, dtype), nsamples)
     if order == "sequential" and batch_size < nsamples:
         check_sequential_fits(model, nsamples, seqlen, device, dtype)
     report = PruneReport(method.name, method.sparsity, str(method.pattern), order, nsamples, seqlen, batch_size,
                          error_tokens)
+    report.kept = [{**asdict(k), "name": f"{prefix}.{i}.{k.name}", "layer": i, "module": k.name}
+                   for i, s in enumerate(scopes) for k in s.kept]
+    del scopes
     clock = Stopwatch(report.stages)
     notify = progress or (lambda _event: None)
     batches = list(calibration.split(batch_size))
@@ -230,28 +255,68 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
 
     with torch.no_grad(), on_device(model, layers, device, offload):
         with clock("capture"):
-            inputs = capture_first_layer_inputs(model, layers, batches, device)
+            inputs = capture_layer_inputs(model, layers, batches, device)
         hidden = inputs.hidden
-        groups: list[list[str]] | None = None
         for index, layer in enumerate(layers):
             started = time.perf_counter()
             if offload:
                 layer.to(device)
-            modules = linear_modules(layer)
-            names = select(list(modules), include, exclude)
-            if groups is None or any(n not in modules for g in groups for n in g):
-                groups = input_groups(layer, names, hidden[0], inputs.args[0], inputs.kwargs[0])
-            layer_groups = [[n for n in g if n in names] for g in groups]
-            states = [GroupState(g, modules, method, device) for g in layer_groups if g]
-            run = LayerRun(index, layer, states, modules, method, report, clock, notify, len(layers), prefix)
-            hidden = run.execute(hidden, inputs, batch_rows, order)
+            scope = layer_scope(layer, include, exclude)
+            args, kwargs = inputs.args[index], inputs.kwargs[index]
+            groups = input_groups(layer, scope.linears, hidden[0], args[0], kwargs[0])
+            run = LayerRun(index, layer, scope, method, device, report, clock, notify, len(layers), prefix, groups)
+            hidden = run.execute(hidden, args, kwargs, batch_rows, order)
+            done = {r.module for r in report.layers if r.layer == index}
+            if done != set(scope.targets):
+                raise RuntimeError(f"decoder layer {index}: {sorted(set(scope.targets) - done)[:5]} were never pruned")
+            inputs.args[index] = inputs.kwargs[index] = None
             if offload:
                 layer.to(home)
             notify(Progress("layer", index + 1, len(layers), seconds=time.perf_counter() - started))
+        with clock("check"):
+            report.check = check_against_model(model, layers, calibration[:1], hidden[0][:1], device, offload)
+    report.model_parameters = sum(p.numel() for p in model.parameters())
+    report.model_sparsity = sum(int((p == 0).sum()) for p in model.parameters()) / max(report.model_parameters, 1)
     report.peak_rss_mb = peak_rss_mb()
     if device.type == "cuda":
         report.peak_device_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return report
+
+
+def check_against_model(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, propagated: torch.Tensor,
+                        device: torch.device, offload: bool) -> dict:
+    """The layer-by-layer pass must end where the pruned model's own forward ends: any layer given the wrong
+    arguments, or a weight changed after its outputs were propagated, shows here, and the run fails loudly."""
+    seen: list[torch.Tensor] = []
+
+    def last(_m, _args, out):
+        seen.append(out[0] if isinstance(out, (tuple, list)) else out)
+        raise StopForward
+
+    def onload(m, _args):
+        m.to(device)
+
+    def offload_again(m, _args, _out, home=next(layers.parameters()).device):
+        m.to(home)
+
+    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(onload),
+                                               layer.register_forward_hook(offload_again))] if offload else []
+    handles.append(layers[-1].register_forward_hook(last))
+    try:
+        model(input_ids=ids.to(device), use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    own = seen[0].float()
+    diff = float((own - propagated.float()).norm() / own.norm().clamp_min(1e-30))
+    tolerance = 1e-3 if propagated.dtype == torch.float32 else 5e-2
+    if not diff <= tolerance:
+        raise RuntimeError(f"the layer-by-layer pass does not reproduce the pruned model's own forward (relative "
+                           f"difference {diff:.2e} > {tolerance:g} at the last decoder layer): its layers were not "
+                           f"given the inputs the model gives them, so the pruning cannot be trusted")
+    return {"tokens": int(ids.numel()), "relative_difference": diff, "tolerance": tolerance}
 
 
 def relative_error(dense: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
@@ -290,57 +355,94 @@ def on_device(model: nn.Module, layers: nn.ModuleList, device: torch.device, off
             t.data = t.data.to(home)
 
 
-@dataclass
 class LayerRun:
-    """Prunes one decoder layer with hooks on its Linear modules and returns the layer's outputs."""
+    """Prunes one decoder layer, from hooks on its Linears and taps on its experts, and returns its outputs."""
 
-    index: int
-    layer: nn.Module
-    states: list[GroupState]
-    modules: dict[str, nn.Module]
-    method: Method
-    report: PruneReport
-    clock: Stopwatch
-    notify: ProgressFn
-    total_layers: int
-    prefix: str
+    def __init__(self, index: int, layer: nn.Module, scope: LayerScope, method: Method, device: torch.device,
+                 report: PruneReport, clock: Stopwatch, notify: ProgressFn, total_layers: int, prefix: str,
+                 groups: list[list[str]]) -> None:
+        self.index, self.layer, self.scope, self.method = index, layer, scope, method
+        self.report, self.clock, self.notify, self.total_layers, self.prefix = report, clock, notify, total_layers, prefix
+        self.states = [GroupState(g, [scope.targets[n] for n in g], method, device) for g in groups]
+        self.expert_states: dict[tuple[str, str], list[GroupState | None]] = {}
+        for path, experts in scope.experts.items():
+            for projection in projections(experts):
+                names = [scope.expert_name(path, e, projection) for e in range(experts.num_experts)]
+                self.expert_states[path, projection] = [
+                    GroupState([n], [scope.targets[n]], method, device) if n in scope.targets else None for n in names]
+        self.all_states = self.states + [s for group in self.expert_states.values() for s in group if s is not None]
+        self.lockstep = Lockstep()
+        self.sequential = False
+        self.batches = 0
+        self.rows: list[torch.Tensor] = []
 
-    def execute(self, hidden: list[torch.Tensor], inputs, batch_rows: list[torch.Tensor], order: str) -> list[torch.Tensor]:
+    def execute(self, hidden: list[torch.Tensor], args: list[tuple], kwargs: list[dict], batch_rows: list[torch.Tensor],
+                order: str) -> list[torch.Tensor]:
+        self.batches, self.rows = len(hidden), batch_rows
         if order == "reference":
-            self.forward(hidden, inputs, batch_rows, hooks=True, sequential=False)
-            for state in self.states:
+            self.forward(hidden, args, kwargs, hooks=True, sequential=False)
+            for state in self.all_states:
                 self.prune(state)
-            return self.forward(hidden, inputs, batch_rows, hooks=False, sequential=False)
-        return self.forward(hidden, inputs, batch_rows, hooks=True, sequential=True)
+            return self.forward(hidden, args, kwargs, hooks=False, sequential=False)
+        outputs = self.forward(hidden, args, kwargs, hooks=True, sequential=True)
+        late = [s for s in self.all_states if not s.done]
+        for state in late:
+            state.note = "not reached by every mini-batch: pruned after the pass, outputs recomputed"
+            self.prune(state)
+        return self.forward(hidden, args, kwargs, hooks=False, sequential=False) if late else outputs
 
-    def forward(self, hidden, inputs, batch_rows, hooks: bool, sequential: bool) -> list[torch.Tensor]:
-        """Run the layer on every mini-batch. With hooks, each group's first Linear accumulates statistics from its
-        input. Sequential: the mini-batches run in lockstep, pausing at each group until all have contributed;
-        the last to arrive prunes the group, so everything after it is computed with the pruned weights."""
-        lockstep = Lockstep()
-        handles = []
-        for state in self.states if hooks else []:
-            def hook(_m, args, state=state):
-                if state.done:
-                    return
-                x = args[0].reshape(-1, args[0].shape[-1])
-                with self.clock("statistics"):
-                    state.add(x, batch_rows[lockstep.index()])
-                state.arrived += 1
-                if sequential and state.arrived == len(hidden):
-                    self.prune(state)
-                elif sequential:
-                    lockstep.wait()
-            handles.append(self.modules[state.names[0]].register_forward_pre_hook(hook))
-        tasks = [lambda h=h, a=a, k=k: call_layer(self.layer, h, a, k)
-                 for h, a, k in zip(hidden, inputs.args, inputs.kwargs)]
+    def arrive(self, items: list[tuple[GroupState, torch.Tensor, torch.Tensor]]) -> None:
+        """Mini-batch `lockstep.index()` brings inputs for some groups. Sequential: the last mini-batch to bring them
+        prunes the groups; the others pause until then, so everything after is computed with pruned weights."""
+        batch = self.lockstep.index()
+        pending = []
+        for state, x, rows in items:
+            if state.done:
+                continue
+            with self.clock("statistics"):
+                state.add(x, rows)
+            state.arrived.add(batch)
+            pending.append(state)
+        if not self.sequential or not pending:
+            return
+        if all(len(s.arrived) == self.batches for s in pending):
+            for state in pending:
+                self.prune(state)
+        else:
+            self.lockstep.wait()
+
+    def linear_hook(self, state: GroupState):
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            self.arrive([(state, x, self.rows[self.lockstep.index()])])
+        return hook
+
+    def experts_observer(self, path: str):
+        def observe(projection: str, xs: list[torch.Tensor], tokens: list[torch.Tensor]) -> None:
+            rows = self.rows[self.lockstep.index()].to(tokens[0].device)
+            states = self.expert_states[path, projection]
+            self.arrive([(s, x, torch.isin(t, rows).nonzero()[:, 0])
+                         for s, x, t in zip(states, xs, tokens) if s is not None])
+        return observe
+
+    def forward(self, hidden: list[torch.Tensor], args: list[tuple], kwargs: list[dict], hooks: bool,
+                sequential: bool) -> list[torch.Tensor]:
+        """Run the layer on every mini-batch; with hooks, in-scope matrices gather statistics from their inputs.
+        Sequential: the mini-batches run in lockstep and pause at each group until all have contributed."""
+        self.sequential = sequential
+        handles = [self.scope.linears[s.names[0]].register_forward_pre_hook(self.linear_hook(s))
+                   for s in self.states] if hooks else []
+        taps = [ExpertsTap(m, f"{self.prefix}.{self.index}.{path}", self.experts_observer(path))
+                for path, m in self.scope.experts.items()] if hooks else []
+        tasks = [lambda h=h, a=a, k=k: call_layer(self.layer, h, a, k) for h, a, k in zip(hidden, args, kwargs)]
         forward_start, hook_before = time.perf_counter(), self.hook_seconds()
         try:
-            if sequential and len(tasks) > 1:
-                outputs = lockstep.run(tasks)
-            else:
-                outputs = [task() for task in tasks]
+            for tap in taps:
+                tap.__enter__()
+            outputs = self.lockstep.run(tasks, interleave=sequential and len(tasks) > 1)
         finally:
+            for tap in taps:
+                tap.__exit__()
             for handle in handles:
                 handle.remove()
         spent = time.perf_counter() - forward_start - (self.hook_seconds() - hook_before)
@@ -358,13 +460,13 @@ class LayerRun:
         sample = torch.cat(state.sample) if state.sample else None
         with self.clock("report"):
             dense = [sample @ w.float().t() for w in state.weights] if sample is not None else None
-        note = ""
-        method = self.method
+        method, note = self.method, state.note
         start = time.perf_counter()
         with self.clock("pruning"):
             if state.stats is not None and state.stats.tokens == 0:
                 from compression.methods.magnitude import Magnitude
-                method, note = Magnitude(pattern=method.pattern, sparsity=method.sparsity), "no tokens reached it: magnitude used"
+                method = Magnitude(pattern=method.pattern, sparsity=method.sparsity)
+                note = "; ".join(filter(None, [note, "no calibration token reached it: magnitude used"]))
             method.prune(state.weights, state.stats)
         seconds = time.perf_counter() - start
         tokens = state.stats.tokens if state.stats is not None else 0
@@ -372,8 +474,8 @@ class LayerRun:
         for i, (name, w) in enumerate(zip(state.names, state.weights)):
             with self.clock("report"):
                 rel = relative_error(dense[i], sample, w) if sample is not None else float("nan")
-            self.report.layers.append(LinearReport(
+            share = seconds * w.shape[0] / total_rows
+            self.report.layers.append(MatrixReport(
                 name=f"{self.prefix}.{self.index}.{name}", layer=self.index, module=name, shape=tuple(w.shape),
-                sparsity=float((w == 0).sum()) / w.numel(), rel_error=rel,
-                seconds=seconds * w.shape[0] / total_rows, tokens=tokens, note=note))
-            self.notify(Progress("module", self.index + 1, self.total_layers, name, seconds * w.shape[0] / total_rows))
+                sparsity=float((w == 0).sum()) / w.numel(), rel_error=rel, seconds=share, tokens=tokens, note=note))
+            self.notify(Progress("module", self.index + 1, self.total_layers, name, share))

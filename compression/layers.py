@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import torch
@@ -56,47 +55,77 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return weight.t() if not isinstance(module, nn.Linear) else weight
 
 
-def select(names: list[str], include: list[str] | None, exclude: list[str] | None) -> list[str]:
-    """Names kept by fnmatch patterns: any include (default all), no exclude."""
-    kept = [n for n in names if not include or any(fnmatch.fnmatch(n, p) for p in include)]
-    return [n for n in kept if not exclude or not any(fnmatch.fnmatch(n, p) for p in exclude)]
+CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache")
 
 
 @dataclass
 class LayerInputs:
-    """What the model passes its first decoder layer, one entry per mini-batch."""
+    """What the model passes its decoder layers: layer 0's hidden states per mini-batch, and every layer's other
+    positional and keyword arguments per mini-batch (`args[i][b]`, `kwargs[i][b]`). Tensors the model shares
+    between layers (one mask and one rotary table per layer type) are held once."""
 
     hidden: list[torch.Tensor]
-    args: list[tuple]
-    kwargs: list[dict]
+    args: list[list[tuple]]
+    kwargs: list[list[dict]]
 
 
-def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor],
-                               device: torch.device) -> LayerInputs:
-    """Run the model on each batch until its first decoder layer and keep that layer's positional and keyword
-    arguments (attention mask, position embeddings, ...) exactly as the model builds them."""
-    captured = LayerInputs([], [], [])
+class StandIn:
+    """Stands in for every decoder layer during capture: records the arguments and hands the hidden states back
+    in the container the real layer returns (learned from one real call of layer 0)."""
 
-    def grab(_module, args, kwargs):
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+        self.inputs = LayerInputs([], [[] for _ in layers], [[] for _ in layers])
+        self.template: object = None
+
+    def __enter__(self) -> "StandIn":
+        self.saved = [vars(layer).get("forward") for layer in self.layers]
+        for i, layer in enumerate(self.layers):
+            layer.forward = lambda *args, i=i, **kwargs: self.call(i, args, kwargs)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, saved in zip(self.layers, self.saved):
+            if saved is None:
+                del layer.forward
+            else:
+                layer.forward = saved
+
+    def call(self, i: int, args: tuple, kwargs: dict):
+        kwargs = dict(kwargs)
         hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-        captured.hidden.append(hidden)
-        captured.args.append(rest)
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value",
-                                                                                 "layer_past", "use_cache")})
-        raise StopForward
+        if i == 0:
+            self.inputs.hidden.append(hidden)
+        self.inputs.args[i].append(rest)
+        self.inputs.kwargs[i].append({k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS})
+        if i == len(self.layers) - 1:
+            raise StopForward
+        if self.template is None:
+            real = self.saved[0] or type(self.layers[0]).forward.__get__(self.layers[0])
+            self.template = real(hidden, *rest, **kwargs)
+        if isinstance(self.template, (tuple, list)):
+            return (hidden, *([None] * (len(self.template) - 1)))
+        return hidden
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
+
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor],
+                         device: torch.device) -> LayerInputs:
+    """Run the model once per mini-batch with stand-ins for its decoder layers and keep each layer's own arguments
+    (attention mask, position embeddings, ...) exactly as the model builds them. Models whose layers differ
+    (sliding-window and global attention, local and global RoPE) pass each layer its own; masks and positions do
+    not depend on the hidden states, so the stand-ins cost nothing but the embeddings."""
+    stand_in = StandIn(layers)
+    with stand_in:
         for ids in batches:
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except StopForward:
                 pass
-    finally:
-        handle.remove()
-    if len(captured.hidden) != len(batches):
-        raise RuntimeError("the first decoder layer was never called: cannot capture its inputs")
-    return captured
+    inputs = stand_in.inputs
+    missing = [i for i, calls in enumerate(inputs.args) if len(calls) != len(batches)]
+    if missing:
+        raise RuntimeError(f"decoder layers {missing[:5]} were not called once per mini-batch: cannot capture their inputs")
+    return inputs
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -22,7 +22,7 @@ class Lockstep:
         self.scheduler: greenlet | None = None
 
     def index(self) -> int:
-        """The mini-batch now running (0 outside `run`)."""
+        """The mini-batch now running."""
         return self.current
 
     def wait(self) -> None:
@@ -30,8 +30,15 @@ class Lockstep:
         if self.scheduler is not None and getcurrent() is not self.scheduler:
             self.scheduler.switch()
 
-    def run(self, tasks: list[Callable[[], T]]) -> list[T]:
-        """Run every task in turns until all are done; results in task order. An error in a task is raised here."""
+    def run(self, tasks: list[Callable[[], T]], interleave: bool = True) -> list[T]:
+        """Run every task in turns until all are done (or one after the other without `interleave`, where `wait`
+        returns at once); results in task order. An error in a task is raised here."""
+        if not interleave:
+            results = []
+            for i, task in enumerate(tasks):
+                self.current = i
+                results.append(task())
+            return results
         self.scheduler = getcurrent()
         lets = [greenlet(task) for task in tasks]
         results: list = [None] * len(tasks)
@@ -49,5 +56,4 @@ class Lockstep:
                 alive = paused
         finally:
             self.scheduler = None
-            self.current = 0
         return results

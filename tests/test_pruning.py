@@ -210,12 +210,13 @@ def test_bad_arguments():
 ])
 def test_linears_reading_the_same_input_are_grouped_in_call_order(arch, expected):
     from compression.driver import input_groups
-    from compression.layers import capture_first_layer_inputs
+    from compression.layers import capture_layer_inputs
     model = tiny_model(arch)
     _, layers = decoder_layers(model)
-    inputs = capture_first_layer_inputs(model, layers, [random_windows(2)], torch.device("cpu"))
-    names = list(linear_modules(layers[0]))
-    assert input_groups(layers[0], names, inputs.hidden[0], inputs.args[0], inputs.kwargs[0]) == expected
+    inputs = capture_layer_inputs(model, layers, [random_windows(2)], torch.device("cpu"))
+    for i, layer in enumerate(layers):
+        groups = input_groups(layer, linear_modules(layer), inputs.hidden[0], inputs.args[i][0], inputs.kwargs[i][0])
+        assert groups == expected
 
 
 def textbook_sparsegpt(w: torch.Tensor, hinv: torch.Tensor, sparsity: float, pattern: Pattern, bs: int = 128):

@@ -113,6 +113,9 @@ class SparseGPT(Method):
 
     def prune(self, weights: list[torch.Tensor], stats: Hessian) -> None:
         """Weights that read the same input share H, so they are swept together as one stacked matrix."""
+        if self.pattern.structured and weights[0].shape[1] % self.pattern.m:
+            raise ValueError(f"pattern {self.pattern} needs the input width to be a multiple of {self.pattern.m}, "
+                             f"got {weights[0].shape[1]}")
         wt = torch.cat([w.t().float() for w in weights], dim=1).to(stats.device)
         rows, start = [], 0
         for w in weights:
