@@ -206,6 +206,7 @@ class GroupState:
         self.stats: Statistics | None = method.statistics(weights[0].shape[1], device) if method.needs_calibration else None
         self.sample: list[torch.Tensor] = []
         self.arrived: set[int] = set()
+        self.called: dict[str, set[int]] = {name: set() for name in names}
         self.done = False
         self.note = ""
 
@@ -381,15 +382,27 @@ class LayerRun:
         self.batches, self.rows = len(hidden), batch_rows
         if order == "reference":
             self.forward(hidden, args, kwargs, hooks=True, sequential=False)
+            self.check_groups()
             for state in self.all_states:
                 self.prune(state)
             return self.forward(hidden, args, kwargs, hooks=False, sequential=False)
         outputs = self.forward(hidden, args, kwargs, hooks=True, sequential=True)
+        self.check_groups()
         late = [s for s in self.all_states if not s.done]
         for state in late:
             state.note = "not reached by every mini-batch: pruned after the pass, outputs recomputed"
             self.prune(state)
         return self.forward(hidden, args, kwargs, hooks=False, sequential=False) if late else outputs
+
+    def check_groups(self) -> None:
+        """Linears grouped by one probe share statistics; each must then have been called by exactly the
+        mini-batches that brought the group's input, else its statistics would not be its own."""
+        for state in self.states:
+            for name, batches in state.called.items():
+                if batches != state.arrived:
+                    raise RuntimeError(f"decoder layer {self.index}: {name} reads the same input as {state.names[0]} "
+                                       f"but was called by mini-batches {sorted(batches)} instead of "
+                                       f"{sorted(state.arrived)}; its statistics cannot be shared: exclude it")
 
     def arrive(self, items: list[tuple[GroupState, torch.Tensor, torch.Tensor]]) -> None:
         """Mini-batch `lockstep.index()` brings inputs for some groups. Sequential: the last mini-batch to bring them
@@ -413,8 +426,14 @@ class LayerRun:
 
     def linear_hook(self, state: GroupState):
         def hook(_module, args):
+            state.called[state.names[0]].add(self.lockstep.index())
             x = args[0].reshape(-1, args[0].shape[-1])
             self.arrive([(state, x, self.rows[self.lockstep.index()])])
+        return hook
+
+    def member_hook(self, state: GroupState, name: str):
+        def hook(_module, _args):
+            state.called[name].add(self.lockstep.index())
         return hook
 
     def experts_observer(self, path: str):
@@ -432,6 +451,8 @@ class LayerRun:
         self.sequential = sequential
         handles = [self.scope.linears[s.names[0]].register_forward_pre_hook(self.linear_hook(s))
                    for s in self.states] if hooks else []
+        handles += [self.scope.linears[n].register_forward_pre_hook(self.member_hook(s, n))
+                    for s in self.states for n in s.names[1:]] if hooks else []
         taps = [ExpertsTap(m, f"{self.prefix}.{self.index}.{path}", self.experts_observer(path))
                 for path, m in self.scope.experts.items()] if hooks else []
         tasks = [lambda h=h, a=a, k=k: call_layer(self.layer, h, a, k) for h, a, k in zip(hidden, args, kwargs)]

@@ -11,7 +11,7 @@ from compression.driver import prune_model
 from compression.layers import decoder_layers, linear_modules, weight_matrix
 from compression.patterns import Pattern
 from compression.methods import create
-from tests.conftest import random_windows, tiny_model
+from tests.conftest import TINY, random_windows, tiny_model
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 
@@ -264,3 +264,105 @@ def test_sequential_order_refuses_what_cannot_fit():
     check_sequential_fits(model, 8, 32, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match=r"--order sequential holds .* 1000000 x 4096 .* use --order reference"):
         check_sequential_fits(model, 1_000_000, 4096, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("order", ["sequential", "reference"])
+def test_uneven_mini_batches_prune_every_matrix_in_both_orders(order):
+    model = tiny_model("llama")
+    report = prune_model(model, random_windows(10), create("wanda", sparsity=0.5), order=order, batch_size=4)
+    assert report.batch_size == 4 and len(report.layers) == 14
+    assert all(r.tokens == 10 * 32 and r.sparsity == 0.5 for r in report.layers)
+    assert report.check["relative_difference"] < 1e-4
+
+
+class RoutedMLP(torch.nn.Module):
+    """A real MLP plus two Linear experts behind a norm, one per mini-batch chosen by the sign of the batch's mean
+    first feature: a mini-batch that goes one way never calls the other expert. With `share`, the experts read
+    the MLP's own input instead, so the probe groups one of them with gate_proj and up_proj."""
+
+    def __init__(self, mlp: torch.nn.Module, hidden: int, share: bool = False) -> None:
+        super().__init__()
+        self.mlp, self.share, self.norm = mlp, share, torch.nn.LayerNorm(hidden)
+        self.left, self.right = torch.nn.Linear(hidden, hidden, bias=False), torch.nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x):
+        h = x if self.share else self.norm(x)
+        return self.mlp(x) + (self.left(h) if h[..., 0].mean() < 0 else self.right(h))
+
+
+def test_sequential_prunes_a_linear_that_a_mini_batch_never_calls():
+    model = tiny_model("llama")
+    model.model.layers[1].mlp = RoutedMLP(model.model.layers[1].mlp, 64)
+    report = prune_model(model, random_windows(6), create("wanda", sparsity=0.5), order="sequential", batch_size=1)
+    rows = {r.module: r for r in report.layers if r.layer == 1}
+    assert {"mlp.left", "mlp.right"} <= set(rows) and len(report.layers) == 16
+    assert 0 < rows["mlp.left"].tokens < 6 * 32 and rows["mlp.left"].tokens + rows["mlp.right"].tokens == 6 * 32
+    assert rows["mlp.left"].sparsity == rows["mlp.right"].sparsity == 0.5
+    assert all("pruned after the pass" in rows[n].note for n in ("mlp.left", "mlp.right"))
+    assert report.check["relative_difference"] < 1e-4
+
+
+@pytest.mark.parametrize("order", ["sequential", "reference"])
+def test_a_grouped_linear_called_by_other_mini_batches_than_its_group_fails_by_name(order):
+    model = tiny_model("llama")
+    model.model.layers[1].mlp = RoutedMLP(model.model.layers[1].mlp, 64, share=True)
+    with pytest.raises(RuntimeError, match=r"decoder layer 1: mlp\.(left|right) reads the same input as mlp\.mlp"):
+        prune_model(model, random_windows(6), create("wanda", sparsity=0.5), order=order, batch_size=1)
+
+
+def test_the_final_check_catches_layers_replayed_with_layer_zero_arguments():
+    """Gemma 3's sliding and global layers get different masks and RoPE; running them all with layer 0's arguments
+    (the old capture) is caught by the comparison with the model's own forward."""
+    from compression.driver import check_against_model
+    from compression.layers import call_layer, capture_layer_inputs
+    model = tiny_model("gemma3")
+    windows = random_windows(2)
+    _, layers = decoder_layers(model)
+    inputs = capture_layer_inputs(model, layers, [windows], torch.device("cpu"))
+    hidden, replayed = inputs.hidden[0], inputs.hidden[0]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            hidden = call_layer(layer, hidden, inputs.args[i][0], inputs.kwargs[i][0])
+            replayed = call_layer(layer, replayed, inputs.args[0][0], inputs.kwargs[0][0])
+        assert check_against_model(model, layers, windows, hidden, torch.device("cpu"), False)["relative_difference"] < 1e-5
+        with pytest.raises(RuntimeError, match="does not reproduce the pruned model's own forward"):
+            check_against_model(model, layers, windows, replayed, torch.device("cpu"), False)
+
+
+def test_nm_width_checked_before_any_work_with_the_matrix_named():
+    from transformers import AutoConfig, AutoModelForCausalLM
+    options = {k: v for k, v in TINY["llama"].items() if k != "model_type"}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=512, **{**options,
+                                                                                    "intermediate_size": 130}))
+    for method in METHODS:
+        with pytest.raises(ValueError, match=r"pattern 2:4 needs .* multiple of 4: model.layers.0.mlp.down_proj has 130"):
+            prune_model(model, random_windows(), create(method, sparsity=0.5, pattern=Pattern(2, 4)))
+    assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()
+    with pytest.raises(ValueError, match="multiple of 4, got 130"):
+        create("sparsegpt", sparsity=0.5, pattern=Pattern(2, 4)).prune([torch.randn(8, 130)], None)
+
+
+def test_a_matrix_of_unknown_kind_is_refused_by_name_or_kept_dense_when_excluded():
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        layer.self_attn.mixer = torch.nn.Parameter(torch.ones(4, 4))
+    with pytest.raises(ValueError, match=r"cannot prune 2 weight matrices .* model.layers.0.self_attn.mixer \(4, 4\)"):
+        prune_model(model, random_windows(), create("wanda", sparsity=0.5))
+    report = prune_model(model, random_windows(), create("wanda", sparsity=0.5), exclude=["self_attn.mixer"])
+    assert [k["name"] for k in report.kept] == ["model.layers.0.self_attn.mixer", "model.layers.1.self_attn.mixer"]
+    assert all(k["reason"] == "kept dense by the include/exclude patterns" for k in report.kept)
+
+
+def test_sparsity_over_the_whole_scope_and_the_whole_model():
+    model = tiny_model("llama")
+    report = prune_model(model, random_windows(), create("wanda", sparsity=0.5), exclude=["mlp.down_proj"])
+    kept = {k["name"]: k for k in report.kept}
+    assert set(kept) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    params = {n: p for n, p in model.named_parameters()}
+    in_scope = [p for n, p in params.items() if ".layers." in n and p.dim() == 2]
+    assert report.overall_sparsity == pytest.approx(sum(int((p == 0).sum()) for p in in_scope) /
+                                                    sum(p.numel() for p in in_scope))
+    assert report.pruned_sparsity == 0.5 and report.overall_sparsity < 0.5
+    everything = list(model.parameters())
+    assert report.model_parameters == sum(p.numel() for p in everything)
+    assert report.model_sparsity == pytest.approx(sum(int((p == 0).sum()) for p in everything) / report.model_parameters)
