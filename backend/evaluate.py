@@ -9,8 +9,8 @@ from typing import Callable
 from backend.data import Dataset, load_source
 from backend.models import LoadedModel
 from backend.spec import EvalSettings
-from metrics.divergence import model_divergence, teacher_forced
-from metrics.generation import generate
+from metrics.divergence import forced_on_ids, model_divergence, teacher_forced
+from metrics.generation import answer_texts, generate_ids, stop_ids
 from metrics.judge import JudgeConfig, judge
 from metrics.perplexity import perplexity
 from metrics.prompts import full_text_renderer, prompt_renderer
@@ -46,10 +46,17 @@ def records_of(source: str, data_dir: str | None, limit: int) -> list[dict]:
     return dataset.items
 
 
+def task_prompts(settings: EvalSettings, tokenizer, records: list[dict]) -> list[str]:
+    """The task prompts a model answers, rendered with the template the settings pick for this tokenizer."""
+    render = prompt_renderer(template_for(settings, tokenizer, settings.tasks), tokenizer)
+    return [render(r) for r in records]
+
+
 def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: str | None = None,
                  log: Log = lambda _m: None, progress: Progress = lambda _stage, _done, _total: None) -> dict:
-    """What one model scores on its own: perplexity, generated answers and their judge verdicts. For the dense
-    model this depends only on the model and the settings, so a store can compute it once and reuse it."""
+    """What one model scores on its own: perplexity, generated answers (cleaned text and the exact generated ids)
+    and their judge verdicts. For the dense model this depends only on the model and the settings, so a store can
+    compute it once and reuse it."""
     out: dict = {"seconds": {}}
     if settings.ppl:
         texts_source, texts = perplexity_texts(settings.ppl, data_dir)
@@ -63,12 +70,13 @@ def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: s
         log(f"perplexity {side}: {result.ppl:.3f} ({result.windows} x {result.seqlen} tokens)")
     if settings.tasks:
         records = records_of(settings.tasks, data_dir, settings.limit)
-        prompts = [prompt_renderer(template_for(settings, lm.tokenizer, settings.tasks), lm.tokenizer)(r)
-                   for r in records]
+        prompts = task_prompts(settings, lm.tokenizer, records)
         started = time.perf_counter()
-        raw = generate(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
-                       progress=lambda d, n: progress(f"answers {side}", d, n))
-        out["outputs"] = [clean_output(text) for text in raw]
+        ids = generate_ids(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                           progress=lambda d, n: progress(f"answers {side}", d, n))
+        texts = answer_texts(lm.tokenizer, ids, stop_ids(lm.model, lm.tokenizer))
+        out["outputs"] = [clean_output(text) for text in texts]
+        out["output_ids"] = ids
         out["seconds"][f"generate_{side}"] = time.perf_counter() - started
         log(f"generated {len(prompts)} answers with the {side} model")
         if settings.judge_model:
@@ -100,14 +108,14 @@ class AnswerDivergence:
     tokens: list[list[str]]
 
 
-def divergence_on_answers(dense: LoadedModel, pruned: LoadedModel, records: list[dict], answers: list[str],
+def divergence_on_answers(dense: LoadedModel, pruned: LoadedModel, records: list[dict], answers: list[list[int]],
                           settings: EvalSettings, progress: Callable[[int, int], None]) -> AnswerDivergence:
-    """Teacher-force each pruned answer through both models, so every token the pruned model wrote carries the
-    JS divergence of the two models' predictions there (the Generations page colours answers with it)."""
-    tokenizer = dense.tokenizer
-    template = template_for(settings, tokenizer, settings.tasks)
-    sequences, scored = teacher_forced([{**r, "output": a} for r, a in zip(records, answers)], tokenizer,
-                                       prompt_renderer(template, tokenizer))
+    """Teacher-force the exact ids of each pruned answer (its stop token included) after its prompt through both
+    models, so every token the pruned model wrote carries the JS divergence of the two models' predictions there
+    (the Generations page colours answers with it); re-tokenizing the decoded text could give other ids."""
+    tokenizer = pruned.tokenizer
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in task_prompts(settings, tokenizer, records)]
+    sequences, scored = forced_on_ids(prompts, answers)
     result = model_divergence(dense.model, pruned.model, sequences, scored, batch_size=8, log2=settings.log2,
                               progress=progress)
     return AnswerDivergence(result.jsd, result.per_sample,
@@ -167,7 +175,7 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
                           "dense": {m: e[f"{m}_dense"] for m in ("em", "f1", "rouge1")},
                           "pruned": {m: e[f"{m}_pruned"] for m in ("em", "f1", "rouge1")}}
                          for i, e in enumerate(compared["examples"])]
-        answers = divergence_on_answers(dense, pruned, records, pruned_side["outputs"], settings,
+        answers = divergence_on_answers(dense, pruned, records, pruned_side["output_ids"], settings,
                                         lambda d, n: progress("divergence on answers", d, n))
         summary["answer_jsd"] = answers.jsd
         for example, tokens, sample in zip(task_examples, answers.tokens, answers.per_sample):

@@ -186,3 +186,22 @@ def teacher_forced(records: list[dict], tokenizer, render_prompt: Callable[[dict
         sequences.append(torch.tensor(ids, dtype=torch.long))
         masks.append(mask)
     return sequences, masks
+
+
+def forced_on_ids(prompts: list[list[int]], answers: list[list[int]],
+                  max_tokens: int = 1024) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prompt ids + the exact answer ids a model generated (its stop token included, nothing appended, nothing
+    re-tokenized) and the positions scored: those predicting an answer token."""
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens {max_tokens} is not allowed: use at least 2")
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    sequences: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    for prompt, answer in zip(prompts, answers):
+        ids = (list(prompt) + list(answer))[:max_tokens]
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[max(len(prompt) - 1, 0):len(ids) - 1] = True
+        sequences.append(torch.tensor(ids, dtype=torch.long))
+        masks.append(mask)
+    return sequences, masks

@@ -8,8 +8,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from metrics.divergence import divergence_from_logits, model_divergence, teacher_forced
+from backend.evaluate import evaluate, records_of, task_prompts
+from backend.models import LoadedModel
+from backend.spec import EvalSettings
+from metrics.divergence import divergence_from_logits, forced_on_ids, model_divergence, teacher_forced
 from metrics.prompts import unnatural_prompt
+from tests.conftest import tiny_model
+from tests.test_generation import bigram_model
 
 
 def tiny_llama(seed: int) -> torch.nn.Module:
@@ -168,3 +173,61 @@ def test_teacher_forced_scores_exactly_the_response(tokenizer):
     assert all(m[:-1].all() and not m[-1] for m in every)
     short, short_masks = teacher_forced(RECORDS, tokenizer, unnatural_prompt, max_tokens=8)
     assert all(len(ids) == 8 for ids in short) and not any(m.any() for m in short_masks)
+
+
+def space_and_letter(tokenizer) -> tuple[int, int]:
+    """Two ids whose decoded text, ' A', re-tokenizes to one other id."""
+    (space,), (letter,) = (tokenizer(x, add_special_tokens=False).input_ids for x in (" ", "A"))
+    assert tokenizer(tokenizer.decode([space, letter]), add_special_tokens=False).input_ids != [space, letter]
+    return space, letter
+
+
+def test_forced_on_ids_scores_exactly_the_given_answer_ids(tokenizer):
+    space, letter = space_and_letter(tokenizer)
+    eos = tokenizer.eos_token_id
+    prompts, answers = [[5, 6, 7], [8, 9]], [[space, letter, eos], [space, letter, space, letter]]
+    sequences, masks = forced_on_ids(prompts, answers)
+    for prompt, answer, ids, mask in zip(prompts, answers, sequences, masks):
+        assert ids.tolist() == prompt + answer
+        rows = mask.nonzero().flatten()
+        assert rows.tolist() == list(range(len(prompt) - 1, len(ids) - 1))
+        assert ids[rows + 1].tolist() == answer
+    short, short_masks = forced_on_ids(prompts, answers, max_tokens=5)
+    assert [ids.tolist() for ids in short] == [[5, 6, 7, space, letter], [8, 9, space, letter, space]]
+    assert [m.nonzero().flatten().tolist() for m in short_masks] == [[2, 3], [1, 2, 3]]
+    with pytest.raises(ValueError, match="2 prompts but 1 answers"):
+        forced_on_ids(prompts, answers[:1])
+
+
+@pytest.mark.parametrize("stops", [True, False], ids=["stops-at-eos", "runs-to-max-new-tokens"])
+def test_answer_divergence_is_scored_on_the_ids_the_pruned_model_generated(tokenizer, stops):
+    """The pruned model writes ' ' then 'A' (re-tokenized, ' A' is one other id) and then EOS, or goes on to
+    max_new_tokens: the JS along its answer covers exactly those ids, its stop token but no appended EOS."""
+    space, letter = space_and_letter(tokenizer)
+    eos = tokenizer.eos_token_id
+    settings = EvalSettings(ppl=None, jsd=None, tasks="demo", limit=3, template="unnatural", max_new_tokens=5)
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids
+               for p in task_prompts(settings, tokenizer, records_of("demo", None, 3))]
+    ends = {prompt[-1] for prompt in prompts}
+    assert not ends & {space, letter}
+    dense = tiny_model("llama", vocab=len(tokenizer), seed=0)
+    pruned = bigram_model(len(tokenizer), {**{end: space for end in ends}, space: letter,
+                                           letter: eos if stops else space}, seed=1)
+    generated = [space, letter, eos] if stops else [space, letter, space, letter, space]
+
+    def loaded(model: torch.nn.Module, name: str) -> LoadedModel:
+        return LoadedModel(model, tokenizer, name, name, torch.device("cpu"), torch.float32)
+
+    summary, examples = evaluate(loaded(dense, "dense"), loaded(pruned, "pruned"), settings)
+    assert len(examples) == 3
+    with torch.no_grad():
+        for prompt, example in zip(prompts, examples):
+            assert example["output_pruned"] == ("A" if stops else "A A")
+            assert example["pruned_tokens"] == [tokenizer.decode([t]) for t in generated]
+            assert len(example["pruned_token_jsd"]) == len(generated)
+            ids = torch.tensor([prompt + generated])
+            rows = torch.arange(len(prompt) - 1, ids.shape[1] - 1)
+            expected = direct(dense(input_ids=ids).logits[0, rows], pruned(input_ids=ids).logits[0, rows])
+            assert example["pruned_token_jsd"] == pytest.approx(expected["jsd"].tolist(), abs=1e-5)
+            assert example["answer_jsd"] == pytest.approx(expected["jsd"].mean().item(), abs=1e-5)
+    assert summary["answer_jsd"] == pytest.approx(sum(e["answer_jsd"] for e in examples) / 3, abs=1e-9)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metrics.generation import generate
-from tests.conftest import tiny_model
+from metrics.generation import generate, generate_ids, stop_ids
+from tests.conftest import TINY, tiny_model
 
 PROMPTS = ["Name a colour.", "The capital of France is", "1, 2, 3,", "Write one word that rhymes with cat, please:",
            "Hello"]
@@ -46,6 +46,52 @@ def test_generation_stops_at_eos(tokenizer):
 
     model.lm_head.register_forward_hook(scripted)
     assert generate(model, tokenizer, PROMPTS[:1], max_new_tokens=8) == ["AA"]
+
+
+def bigram_model(vocab: int, following: dict[int, int], seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama (untied head) whose argmax after token t is following[t] wherever t stands: t's embedding is a
+    large unit direction of its own, which the output head reads as following[t]; the layers stay random."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    options = dict(TINY["llama"], tie_word_embeddings=False)
+    config = AutoConfig.for_model(options.pop("model_type"), vocab_size=vocab, **options)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    assert len(following) <= config.hidden_size
+    with torch.no_grad():
+        for direction, (token, nxt) in enumerate(following.items()):
+            model.get_input_embeddings().weight[token] = 0.0
+            model.get_input_embeddings().weight[token, direction] = 10.0
+            model.get_output_embeddings().weight[nxt, direction] = 3.0
+    return model
+
+
+def test_stop_ids_union_the_generation_config_and_the_tokenizer_in_order(tokenizer):
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.generation_config.eos_token_id = [0, tokenizer.eos_token_id, 7, 0]
+    assert stop_ids(model, tokenizer) == [0, tokenizer.eos_token_id, 7]
+    model.generation_config.eos_token_id = 7
+    assert stop_ids(model, tokenizer) == [7, tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = None
+    assert stop_ids(model, tokenizer) == [tokenizer.eos_token_id]
+
+
+def test_every_eos_of_a_llama3_style_generation_config_stops_the_answer(tokenizer):
+    """Llama-3 lists <|end_of_text|> and <|eot_id|>; the tokenizer names only one. Here the config lists
+    [<|im_end|>, <|endoftext|>] and the model ends one answer with <|endoftext|>, one with <|im_end|>, and runs
+    the third to max_new_tokens: each stops where it should, keeps its stop token and drops the padding."""
+    second_eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    a, b, c, d = (tokenizer(x, add_special_tokens=False).input_ids[0] for x in ("A", "B", "C", "D"))
+    prompts = ["Say it once", "Say it twice, slowly and clearly", "Say it"]
+    ends = [tokenizer(p, add_special_tokens=False).input_ids[-1] for p in prompts]
+    assert len(set(ends) | {a, b, c, d}) == 7
+    model = bigram_model(len(tokenizer), {ends[0]: a, a: b, b: second_eos, second_eos: a,
+                                          ends[1]: c, c: tokenizer.eos_token_id,
+                                          ends[2]: d, d: d}, seed=4)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, second_eos]
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    assert ids == [[a, b, second_eos], [c, tokenizer.eos_token_id], [d] * 5]
+    assert generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=3) == ["AB", "C", "DDDDD"]
+    assert [generate_ids(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts] == ids
 
 
 def test_bad_sizes_are_refused(tokenizer):
