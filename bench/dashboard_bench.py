@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from backend.spec import RunSpec, run_id  # noqa: E402
-from backend.store import Store  # noqa: E402
-from backend.worker import stop_worker  # noqa: E402
+from backend.runs.spec import RunSpec, run_id  # noqa: E402
+from backend.runs.store import Store  # noqa: E402
+from backend.runs.worker import stop_worker  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -55,10 +55,9 @@ def tiny_source_store(folder: Path) -> Path:
     """One finished run of a tiny random Llama (the embedded tokenizer, 2 layers), made by the real CLI and worker."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
-    from backend.models import ensure_embedded
+    from backend.sources.models import ensure_embedded
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded())
     config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,

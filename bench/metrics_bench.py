@@ -20,8 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.data import load_source  # noqa: E402
-from backend.models import load  # noqa: E402
+from backend.sources.datasets import load_source  # noqa: E402
+from backend.sources.models import load  # noqa: E402
 from metrics.divergence import model_divergence, teacher_forced  # noqa: E402
 from metrics.generation import generate  # noqa: E402
 from metrics.perplexity import perplexity, token_stream  # noqa: E402

@@ -22,8 +22,11 @@ import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any, Iterator  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from compression.timing import Stopwatch  # noqa: E402  (torch-free; interpreter start-up to here is stdlib only)
 
 if TYPE_CHECKING:
     import torch
@@ -32,22 +35,6 @@ if TYPE_CHECKING:
 
 METHODS = ("wanda", "sparsegpt")
 LM_HEAD_IGNORE = "re:.*lm_head"
-
-
-@dataclass
-class Timings:
-    """Seconds spent in each stage, measured with time.perf_counter."""
-
-    stages: dict[str, float] = field(default_factory=lambda: {"import": 0.0, "load": 0.0, "oneshot": 0.0, "save": 0.0})
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Add the wall time of the enclosed block to stage `name`."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
 
 
 def log(message: str) -> None:
@@ -204,9 +191,8 @@ def peak_rss_mb() -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Do the whole benchmark and return the result record."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # llmcompressor would warn and set it anyway
-    timings = Timings()
-    timings.stages["import"] = time.perf_counter() - _T_START  # interpreter start-up to here (stdlib only)
-    with timings.stage("import"):
+    timings = Stopwatch({"import": time.perf_counter() - _T_START, "load": 0.0, "oneshot": 0.0, "save": 0.0})
+    with timings("import"):
         versions = import_stack()
     import torch
 
@@ -217,14 +203,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     windows = load_windows(args.windows)
     nsamples, seqlen = (int(d) for d in windows.shape)
-    with timings.stage("load"):
+    with timings("load"):
         model, tokenizer = load_model(args.model)
     layer_classes = decoder_layer_classes(model)
     log(f"loaded {type(model).__name__} ({layer_classes}), {nsamples} windows x {seqlen} tokens")
 
     dataset = windows_dataset(windows)
     modifier = build_modifier(args.method, args.sparsity, layer_classes, args.block_size, args.dampening)
-    with timings.stage("oneshot"):
+    with timings("oneshot"):
         model = run_oneshot(model, tokenizer, dataset, modifier, nsamples, seqlen)
 
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
@@ -234,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"sparsity {sparsity:.6f} over {linears} decoder Linear weights (per module {low:.4f}..{high:.4f})")
 
     if args.save:
-        with timings.stage("save"):
+        with timings("save"):
             save_model(model, tokenizer, args.save, args.save_compressed)
 
     seconds = {k: round(v, 3) for k, v in timings.stages.items()}

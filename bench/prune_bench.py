@@ -48,8 +48,8 @@ def write_windows(data_dir: str, path: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from backend.data import load_source
-    from backend.models import ensure_embedded
+    from backend.sources.datasets import load_source
+    from backend.sources.models import ensure_embedded
     from compression.calibration import windows_from_documents
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded())
@@ -71,7 +71,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="prunescope-bench-"))
     rows = []
     if not args.skip_ppl:
-        from backend.models import ensure_embedded  # noqa: F401  (converts once before timing)
+        from backend.sources.models import ensure_embedded  # noqa: F401  (converts once before timing)
         rows.append({"method": "dense", "ppl": perplexity("smollm2-135m", args.data_dir)})
     for method in args.methods:
         walls, results = [], []

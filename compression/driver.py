@@ -25,12 +25,18 @@ import torch
 from torch import nn
 
 from compression.experts import ExpertsTap, projections
-from compression.layers import StopForward, call_layer, capture_layer_inputs, decoder_layers
+from compression.layers import (
+    StopForward,
+    call_layer,
+    capture_layer_inputs,
+    decoder_layers,
+)
 from compression.lockstep import Lockstep
+from compression.memory import dimensions, free_bytes
 from compression.methods.base import Method, Statistics
+from compression.orders import check_order
 from compression.scope import LayerScope, check_scope, layer_scope
-
-ORDERS = ("sequential", "reference")
+from compression.timing import Stopwatch
 
 
 @dataclass
@@ -110,20 +116,9 @@ def peak_rss_mb() -> float:
 
 def activation_bytes_per_token(model: nn.Module, seqlen: int, dtype: torch.dtype) -> int:
     """Rough peak activation bytes per token while one decoder layer runs (inputs, outputs, MLP, attention)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model", 1024)
-    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    dims = dimensions(model.config)
     size = torch.finfo(dtype).bits // 8
-    return size * (8 * hidden + 3 * inter + 2 * heads * seqlen) + 4 * 2 * hidden
-
-
-def free_bytes(device: torch.device) -> int:
-    """Free memory where activations will live."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-    return psutil.virtual_memory().available
+    return size * (8 * dims.hidden + 3 * dims.intermediate + 2 * dims.heads * seqlen) + 4 * 2 * dims.hidden
 
 
 def auto_batch_size(model: nn.Module, nsamples: int, seqlen: int, device: torch.device, dtype: torch.dtype,
@@ -145,21 +140,6 @@ def check_sequential_fits(model: nn.Module, nsamples: int, seqlen: int, device: 
         raise ValueError(f"--order sequential holds the in-layer activations of all {nsamples} x {seqlen} calibration "
                          f"tokens at once (~{need / 2 ** 30:.1f} GiB) but {free / 2 ** 30:.1f} GiB is free on {device}: "
                          f"use --order reference (one mini-batch at a time) or fewer --nsamples")
-
-
-class Stopwatch:
-    """Accumulates seconds per stage into a dict."""
-
-    def __init__(self, stages: dict[str, float]) -> None:
-        self.stages = stages
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - start
 
 
 def first_sample(args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
@@ -228,8 +208,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
     visits `device` only while it is processed, so models larger than the accelerator can be pruned. The run ends
     by checking that its last layer's outputs equal the pruned model's own forward pass on one calibration sample.
     """
-    if order not in ORDERS:
-        raise ValueError(f"order {order!r} is not allowed: use one of {', '.join(ORDERS)}")
+    check_order(order)
     if calibration.dim() != 2 or calibration.numel() == 0:
         raise ValueError(f"calibration must be a non-empty [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}")
     home = next(model.parameters()).device

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.worker import stop_worker
+from backend.runs.worker import stop_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -21,7 +21,7 @@ needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no shared d
 @pytest.fixture(scope="session")
 def embedded_folder() -> Path:
     """The embedded SmolLM2-135M-Instruct, converted once into the user cache."""
-    from backend.models import ensure_embedded
+    from backend.sources.models import ensure_embedded
     return ensure_embedded()
 
 

@@ -8,7 +8,7 @@ import os
 
 import streamlit as st
 
-from backend.store import Store, StoreError
+from backend.runs.store import Store, StoreError
 
 
 def store() -> Store:

@@ -6,7 +6,7 @@ import os
 
 import streamlit as st
 
-from backend import charts
+from backend.reports import charts
 from views.common import filter_rows, filter_value, finished_runs_or_stop, selected_run
 
 FILTERS = {"model": "Model", "method": "Method", "calibration": "Calibration", "sparsity": "Sparsity",

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from views.common import (FLIPS, LN2, by_divergence, filter_flips, finished_runs_or_stop, fmt, jsd_legend, pick_run,
-                          store, token_html)
+from views.common import (
+    FLIPS,
+    LN2,
+    by_divergence,
+    filter_flips,
+    finished_runs_or_stop,
+    fmt,
+    jsd_legend,
+    pick_run,
+    store,
+    token_html,
+)
 
 st.title("💬 Generations")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from backend import charts, service
-from backend.spec import DEFAULT_MODEL, EvalSettings, RunSpec, SpecError
+from backend.reports import charts
+from backend.runs import service
+from backend.runs.spec import DEFAULT_MODEL, EvalSettings, RunSpec, SpecError
 from views.common import data_dir, fmt, label, store
 
 st.title("✂️ PruneScope")

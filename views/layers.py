@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from backend import charts
+from backend.reports import charts
 from views.common import finished_runs_or_stop, label, pick_run, store
 
 VALUES = {"rel_error": "relative reconstruction error", "sparsity": "sparsity"}

@@ -6,8 +6,8 @@ import time
 
 import streamlit as st
 
-from backend import service
-from backend.spec import DEFAULT_MODEL, METHODS, EvalSettings, RunSpec, SpecError
+from backend.runs import service
+from backend.runs.spec import DEFAULT_MODEL, METHODS, EvalSettings, RunSpec, SpecError
 from views.common import data_dir, fmt, store
 
 PATTERNS = ("unstructured", "2:4", "4:8")

@@ -1,4 +1,4 @@
-"""The contract every pruning method implements, and the registry that finds methods by name."""
+"""The contract every pruning method implements: the statistics it gathers and how it prunes with them."""
 
 from __future__ import annotations
 
@@ -38,29 +38,6 @@ class Method:
     def prune(self, weights: list[torch.Tensor], stats: Statistics) -> None:
         """Prune, in place, [out, in] weight views that all read the same input."""
         raise NotImplementedError
-
-
-REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available by its name."""
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def method_names() -> list[str]:
-    return sorted(REGISTRY)
-
-
-def create(name: str, **options) -> Method:
-    """Build a method by name with its options; unknown names and options are clear errors."""
-    if name not in REGISTRY:
-        raise ValueError(f"method {name!r} is not known: use one of {', '.join(method_names())}")
-    try:
-        return REGISTRY[name](**options)
-    except TypeError as err:
-        raise ValueError(f"method {name!r}: {err}") from err
 
 
 def chunked(x: torch.Tensor, fn: Callable[[torch.Tensor], None], rows: int = 8192) -> None:

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from compression.masks import nm_mask, per_matrix_mask, per_row_mask
-from compression.methods.base import Method, Statistics, register
+from compression.methods.base import Method, Statistics
 
 
-@register
 @dataclass
 class Magnitude(Method):
     name = "magnitude"

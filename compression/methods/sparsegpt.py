@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from compression.masks import lowest
+from compression.methods.base import Method, Statistics, chunked
 from compression.patterns import Pattern
-from compression.methods.base import Method, Statistics, chunked, register
 
 
 class Hessian(Statistics):
@@ -93,7 +93,6 @@ def sparsegpt_(wt: torch.Tensor, hinv: torch.Tensor, rows: list[slice], sparsity
         wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err, alpha=-1)
 
 
-@register
 @dataclass
 class SparseGPT(Method):
     name = "sparsegpt"

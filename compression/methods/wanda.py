@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from compression.masks import nm_mask, per_row_mask
-from compression.methods.base import Method, Statistics, chunked, register
+from compression.methods.base import Method, Statistics, chunked
 
 
 class FeatureNorms(Statistics):
@@ -22,7 +22,6 @@ class FeatureNorms(Statistics):
         chunked(x, lambda block: self.sq.add_(block.square().sum(0)))
 
 
-@register
 @dataclass
 class Wanda(Method):
     name = "wanda"

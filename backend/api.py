@@ -1,0 +1,136 @@
+"""PruneScope from Python: prune a model, evaluate dense vs pruned, submit runs to the store and read them back.
+
+    from backend import api
+    pruned = api.prune("smollm2-135m", "wanda", 0.5, calibration="c4", nsamples=32, seqlen=256, data_dir="../shared/data")
+    pruned.save("out/wanda50")
+    summary, examples = api.evaluate("smollm2-135m", pruned, ppl="wikitext2", jsd="alpaca", tasks="unnatural", limit=50)
+    queued = api.submit(api.RunSpec(method="sparsegpt", sparsity=0.5, nsamples=32, seqlen=256))  # the worker runs it
+    api.wait(queued["run_id"])
+    rows = api.load_runs()
+
+The command line and the dashboard are built on the same functions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from backend.log import Log, stderr_log
+from backend.runs.spec import CALIBRATION_TEMPLATES, EvalSettings, RunSpec
+from backend.runs.store import Store
+from backend.sources.names import DEFAULT_MODEL
+
+__all__ = ["EvalSettings", "Pruned", "RunSpec", "evaluate", "load", "load_runs", "prune", "submit", "wait"]
+
+
+@dataclass
+class Pruned:
+    """A pruned model in memory (`lm.model`, `lm.tokenizer`), the engine's report and the settings that made it."""
+
+    lm: Any
+    report: Any
+    spec: dict
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write a normal Hugging Face folder (safetensors) with `prunescope.json` holding the spec and report."""
+        from backend.runs.export import save_pruned
+        started = time.perf_counter()
+        path = save_pruned(self.lm.model, self.lm.tokenizer, folder, {"spec": self.spec, "report": self.report.to_dict()})
+        self.stages["save"] = time.perf_counter() - started
+        return path
+
+
+def load(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+         log: Log = stderr_log):
+    """A model and its tokenizer: the embedded default, a hub id or a local folder (safetensors only)."""
+    from backend.sources import models
+    return models.load(model, device, dtype, trust_remote_code, log=log)
+
+
+def prune(model: str = DEFAULT_MODEL, method: str = "wanda", sparsity: float = 0.5, *, pattern: str = "unstructured",
+          calibration: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, template: str = "alpaca",
+          order: str = "sequential", per_row: bool = False, include: list[str] | None = None,
+          exclude: list[str] | None = None, batch_size: int | None = None, error_tokens: int = 256,
+          data_dir: str | None = None, device: str = "auto", dtype: str = "auto", offload: bool = False,
+          trust_remote_code: bool = False, progress: Callable | None = None, log: Log = stderr_log) -> Pruned:
+    """Load `model`, build its calibration windows and prune it layer by layer; every argument is checked, with a
+    message naming the bad value, before the model is loaded."""
+    from backend.sources import models
+    from backend.sources.calibration import build_calibration, open_source
+    from compression.driver import prune_model
+    from compression.methods import create
+    from compression.orders import check_order
+    from compression.patterns import check_sparsity, parse_pattern
+
+    parsed = parse_pattern(pattern)
+    check_sparsity(sparsity, parsed)
+    if per_row and method != "magnitude":
+        raise ValueError(f"per_row applies to magnitude only, not {method!r}")
+    engine = create(method, sparsity=sparsity, pattern=parsed, **({"per_row": True} if per_row else {}))
+    check_order(order)
+    for name, value in (("batch_size", batch_size), ("error_tokens", error_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} {value} is not allowed: use a positive integer")
+    if template not in CALIBRATION_TEMPLATES:
+        raise ValueError(f"template {template!r} is not allowed for calibration: use "
+                         f"{' or '.join(CALIBRATION_TEMPLATES)}")
+    stages: dict[str, float] = {}
+    source = open_source(calibration, data_dir)
+    started = time.perf_counter()
+    compute = models.pick_device(device)
+    lm = models.load(model, "cpu" if offload else device, models.pick_dtype(dtype, compute), trust_remote_code,
+                     log=log)
+    stages["load"] = time.perf_counter() - started
+    started = time.perf_counter()
+    windows = build_calibration(source, lm.model, lm.tokenizer, nsamples, seqlen, seed, template)
+    stages["calibration"] = time.perf_counter() - started
+    report = prune_model(lm.model, windows, engine, order=order, include=include, exclude=exclude,
+                         batch_size=batch_size, error_tokens=error_tokens, device=compute, offload=offload,
+                         progress=progress)
+    if not report.layers:
+        raise ValueError(f"no weight matrix matched include {include} exclude {exclude}")
+    stages.update(report.stages)
+    spec = {"model": model, "model_path": lm.path, "method": method, "sparsity": sparsity, "pattern": str(parsed),
+            "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "template": template,
+            "order": order, "per_row": per_row, "include": include, "exclude": exclude,
+            "dtype": str(lm.dtype).removeprefix("torch."), "device": str(compute), "offload": offload}
+    return Pruned(lm, report, spec, stages)
+
+
+def evaluate(dense, pruned, settings: EvalSettings | None = None, *, data_dir: str | None = None,
+             device: str = "auto", dtype: str = "auto", log: Log = stderr_log,
+             progress: Callable[[str, int, int], None] | None = None, **options) -> tuple[dict, list[dict]]:
+    """Dense vs pruned: perplexity, teacher-forced JS/KL/flips and task scores, as `EvalSettings` (or its fields
+    as keyword arguments) asks. Either side may be a model name or folder, a loaded model or a `Pruned`."""
+    from backend.runs.evaluate import evaluate as run_evaluation
+
+    settings = settings or EvalSettings(**options)
+    settings.check()
+    sides = [side.lm if isinstance(side, Pruned) else load(side, device, dtype, log=log) if isinstance(side, str)
+             else side for side in (dense, pruned)]
+    return run_evaluation(sides[0], sides[1], settings, data_dir, log=log,
+                          progress=progress or (lambda _stage, _done, _total: None))
+
+
+def submit(spec: RunSpec, store: str | Path | None = None, data_dir: str | None = None, device: str = "auto") -> dict:
+    """Queue a run for the store's worker (started if needed); a finished identical run is answered at once."""
+    from backend.runs.service import submit as submit_run
+    return submit_run(Store(store), spec.normalised(), data_dir, device)
+
+
+def wait(run_ids: list[str] | str, store: str | Path | None = None) -> list[dict]:
+    """Block until the runs are finished (done, failed, interrupted or cancelled); returns their rows."""
+    from backend.runs.service import wait as wait_for
+    ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
+    opened = Store(store)
+    wait_for(opened, ids)
+    return [r for r in opened.runs() if r["run_id"] in ids]
+
+
+def load_runs(store: str | Path | None = None) -> list[dict]:
+    """Every run in the store as one dict of plain values (spec, state, key metrics), newest first."""
+    return Store(store).runs()

@@ -1,0 +1,1 @@
+"""The command line, `python -m backend COMMAND`: parser.py builds it, one module per command group runs it."""

@@ -1,0 +1,160 @@
+"""Store commands: run, sweep, list, show, export, report, worker, cancel. Everything up to finding a cached run is
+torch-free, so a finished run is served in well under a second."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from backend.cli.arguments import spec_from
+from backend.runs.artifacts import MODEL_ARTIFACT, intact, problems
+from backend.runs.service import start, submit
+from backend.runs.service import wait as wait_for
+from backend.runs.store import ACTIVE, Store, StoreError
+from backend.runs.worker import serve
+
+POLL_S = 0.5
+
+
+def wait(store: Store, run_ids: list[str], quiet: bool = False) -> None:
+    """Wait for the runs, drawing one progress line on stderr."""
+    from tqdm import tqdm
+
+    bar = None if quiet else tqdm(total=len(run_ids), desc="runs", file=sys.stderr, unit="run", dynamic_ncols=True,
+                                  leave=False)
+
+    def on_update(rid: str, job: dict | None) -> None:
+        if bar is None:
+            return
+        if job is None or job["state"] not in ACTIVE:
+            bar.update(1)
+        elif job["state"] == "running":
+            step = f" {job['done']}/{job['total']}" if job["total"] else ""
+            bar.set_postfix_str(f"{rid[:8]} {job['stage']}{step}"[:60])
+
+    wait_for(store, run_ids, on_update, POLL_S)
+    if bar:
+        bar.close()
+
+
+def outcome(store: Store, rid: str, cached: bool = False) -> dict:
+    row = next(r for r in store.runs() if r["run_id"] == rid)
+    metrics = store.metrics(rid)
+    return {"run_id": rid, "state": row["state"], "cached": cached, "message": row["message"],
+            "spec": store.spec(rid).to_dict(), **(metrics["summary"] if metrics else {}),
+            "overall_sparsity": row["overall_sparsity"]}
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    spec = spec_from(args, args.method, args.sparsity, args.pattern, args.calibration)
+    store = Store(args.store)
+    submitted = submit(store, spec, args.data_dir, args.device)
+    if submitted["cached"]:
+        return outcome(store, submitted["run_id"], cached=True)
+    if args.detach:
+        return {**submitted, "store": str(store.root)}
+    wait(store, [submitted["run_id"]])
+    result = outcome(store, submitted["run_id"])
+    if result["state"] != "done":
+        raise RunFailed(f"run {submitted['run_id']} {result['state']}: {result['message']}")
+    return result
+
+
+def cmd_sweep(args: argparse.Namespace) -> dict:
+    specs = [spec_from(args, method, sparsity, pattern, calibration)
+             for method, sparsity, calibration, pattern in itertools.product(
+                 args.methods, args.sparsities, args.calibrations, args.patterns)]
+    store = Store(args.store)
+    submitted = [submit(store, spec, args.data_dir, args.device) for spec in specs]
+    if not args.detach:
+        wait(store, [s["run_id"] for s in submitted if not s["cached"]])
+    ids = {s["run_id"] for s in submitted}
+    rows = [r for r in store.runs() if r["run_id"] in ids]
+    return {"runs": rows, "cached": sum(s["cached"] for s in submitted), "queued": len(submitted)}
+
+
+def cmd_list(args: argparse.Namespace) -> dict:
+    store = Store(args.store)
+    store.recover_stale()
+    return {"store": str(store.root), "runs": store.runs()}
+
+
+def cmd_show(args: argparse.Namespace) -> dict:
+    store = Store(args.store)
+    rid = store.find(args.run)
+    metrics = store.metrics(rid) or {}
+    return {**outcome(store, rid), "job": store.latest_job(rid), "prune": metrics.get("prune"),
+            "layers": store.layers(rid), "artifact": str(store.run_folder(rid) / MODEL_ARTIFACT)}
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    """Copy out a finished run; a pruned model found missing or damaged is rebuilt first."""
+    store = Store(args.store)
+    rid = store.find(args.run)
+    if store.metrics(rid) is None:
+        raise StoreError(f"run {rid} has no results yet (state: {outcome(store, rid)['state']})")
+    if not intact(store, rid, full=True):
+        print(f"run {rid}: the pruned model is missing or damaged; rebuilding it", file=sys.stderr)
+        spec = store.spec(rid)
+        job = store.latest_job(rid)
+        store.submit(spec, store.fingerprints(rid), rid, artifacts_ok=False, data_dir=job and job["data_dir"])
+        start(store.root)
+        wait(store, [rid])
+        if not intact(store, rid, full=True):
+            raise RunFailed(f"run {rid}: rebuilding the pruned model failed: {store.latest_job(rid)['message']}")
+    target = Path(args.to).expanduser()
+    target.mkdir(parents=True, exist_ok=True)
+    artifact = store.artifact(rid, MODEL_ARTIFACT)
+    model_dir = target / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(artifact["path"], model_dir)
+    copied = problems(model_dir, artifact["files"], full=True)
+    if copied:
+        raise RunFailed(f"copy to {model_dir} is damaged: {'; '.join(copied)}")
+    (target / "metrics.json").write_text(json.dumps({**outcome(store, rid), **(store.metrics(rid) or {})}, indent=1))
+    layers = store.layers(rid)
+    with open(target / "layers.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[k for k in (layers[0] if layers else {}) if k != "run_id"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(layers)
+    with open(target / "records.jsonl", "w", encoding="utf-8") as handle:
+        for example in store.examples(rid):
+            handle.write(json.dumps(example) + "\n")
+    return {"run_id": rid, "to": str(target), "files": sorted(p.name for p in target.iterdir())}
+
+
+def cmd_report(args: argparse.Namespace) -> dict:
+    from backend.reports.html import write_report
+
+    store = Store(args.store)
+    rows = store.runs()
+    done = [r["run_id"] for r in rows if r["state"] == "done"]
+    path = write_report(rows, Path(args.out).expanduser(), {rid: store.layers(rid) for rid in done})
+    return {"out": str(path), "runs": len(rows), "done": len(done), "bytes": path.stat().st_size}
+
+
+def cmd_worker(args: argparse.Namespace) -> dict:
+    store = Store(args.store)
+    root = store.root
+    store.close()
+    return {"jobs": serve(root, device=args.device, idle_exit=args.idle_exit)}
+
+
+def cmd_cancel(args: argparse.Namespace) -> dict:
+    store = Store(args.store)
+    rid = store.find(args.run)
+    state = store.cancel(rid)
+    if state is None:
+        raise StoreError(f"run {rid} has no queued or running job to cancel")
+    return {"run_id": rid, "state": state}
+
+
+class RunFailed(RuntimeError):
+    """A run that ended failed, interrupted or cancelled."""

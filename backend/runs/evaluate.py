@@ -1,0 +1,190 @@
+"""Evaluate a dense and a pruned model side by side: perplexity, divergence, task scores and an optional judge."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from backend.log import Log
+from backend.runs.spec import EvalSettings
+from backend.sources.datasets import Dataset, load_source
+from backend.sources.models import LoadedModel
+from metrics.divergence import forced_on_ids, model_divergence, teacher_forced
+from metrics.generation import answer_texts, generate_ids, stop_ids
+from metrics.judge import JudgeConfig, judge
+from metrics.perplexity import perplexity
+from metrics.prompts import full_text_renderer, prompt_renderer
+from metrics.scoring import clean_output, compare_outputs
+
+# (stage, done, total), called as each stage advances
+StageProgress = Callable[[str, int, int], None]
+
+
+def template_for(settings: EvalSettings, tokenizer, source: str) -> str:
+    """'auto' is the chat template for chat models, else the paper's format for the data."""
+    if settings.template != "auto":
+        return settings.template
+    if getattr(tokenizer, "chat_template", None):
+        return "chat"
+    return "unnatural" if source == "unnatural" else "alpaca"
+
+
+def perplexity_texts(source: str, data_dir: str | None) -> tuple[Dataset, list[str]]:
+    """The rows a perplexity runs on: plain texts as they are, instruction records as Alpaca prompt + answer."""
+    dataset = load_source(source, data_dir)
+    if dataset.kind == "texts":
+        return dataset, dataset.items
+    render = full_text_renderer("alpaca")
+    return dataset, [render(r) for r in dataset.items]
+
+
+def records_of(source: str, data_dir: str | None, limit: int) -> list[dict]:
+    dataset = load_source(source, data_dir, limit=limit)
+    if dataset.kind != "records":
+        raise ValueError(f"source {source!r} holds plain texts; divergence and tasks need instruction records "
+                         f"(alpaca, unnatural or a file with instruction/input/output)")
+    return dataset.items
+
+
+def task_prompts(settings: EvalSettings, tokenizer, records: list[dict]) -> list[str]:
+    """The task prompts a model answers, rendered with the template the settings pick for this tokenizer."""
+    render = prompt_renderer(template_for(settings, tokenizer, settings.tasks), tokenizer)
+    return [render(r) for r in records]
+
+
+def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: str | None = None,
+                 log: Log = lambda _m: None, progress: StageProgress = lambda _stage, _done, _total: None) -> dict:
+    """What one model scores on its own: perplexity, generated answers (cleaned text and the exact generated ids)
+    and their judge verdicts. For the dense model this depends only on the model and the settings, so a store can
+    compute it once and reuse it."""
+    out: dict = {"seconds": {}}
+    if settings.ppl:
+        texts_source, texts = perplexity_texts(settings.ppl, data_dir)
+        started = time.perf_counter()
+        result = perplexity(lm.model, lm.tokenizer, texts, settings.ppl_seqlen, settings.ppl_windows,
+                            source=f"{settings.ppl} ({texts_source.origin})",
+                            progress=lambda d, n: progress(f"perplexity {side}", d, n))
+        out["ppl"] = result.ppl
+        out["ppl_protocol"] = {k: v for k, v in result.to_dict().items() if k not in ("ppl", "nll", "seconds")}
+        out["seconds"][f"ppl_{side}"] = time.perf_counter() - started
+        log(f"perplexity {side}: {result.ppl:.3f} ({result.windows} x {result.seqlen} tokens)")
+    if settings.tasks:
+        records = records_of(settings.tasks, data_dir, settings.limit)
+        prompts = task_prompts(settings, lm.tokenizer, records)
+        started = time.perf_counter()
+        ids = generate_ids(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                           progress=lambda d, n: progress(f"answers {side}", d, n))
+        texts = answer_texts(lm.tokenizer, ids, stop_ids(lm.model, lm.tokenizer))
+        out["outputs"] = [clean_output(text) for text in texts]
+        out["output_ids"] = ids
+        out["seconds"][f"generate_{side}"] = time.perf_counter() - started
+        log(f"generated {len(prompts)} answers with the {side} model")
+        if settings.judge_model:
+            config = JudgeConfig(model=settings.judge_model, base_url=settings.judge_base_url)
+            started = time.perf_counter()
+            verdict = judge([{"id": f"task-{i}", "instruction": r["instruction"], "input": r.get("input", ""),
+                              "reference": r["output"], "response": answer}
+                             for i, (r, answer) in enumerate(zip(records, out["outputs"]))], config,
+                            progress=lambda d, n: progress(f"judge {side}", d, n))
+            out["judge"] = {**verdict.means, "overall": verdict.overall, "judged": verdict.judged,
+                            "failed": verdict.failed}
+            out["judge_records"] = verdict.records
+            out["seconds"][f"judge_{side}"] = time.perf_counter() - started
+    return out
+
+
+def scored_tokens(tokenizer, ids, mask) -> list[str]:
+    """The text of each token predicted at a scored position (position p predicts token p + 1)."""
+    targets = ids[1:][mask[:-1]].tolist()
+    return [tokenizer.decode([t]) for t in targets]
+
+
+@dataclass(frozen=True)
+class AnswerDivergence:
+    """Dense vs pruned next-token divergence along the pruned model's own answers."""
+
+    jsd: float
+    per_sample: list[dict]
+    tokens: list[list[str]]
+
+
+def divergence_on_answers(dense: LoadedModel, pruned: LoadedModel, records: list[dict], answers: list[list[int]],
+                          settings: EvalSettings, progress: Callable[[int, int], None]) -> AnswerDivergence:
+    """Teacher-force the exact ids of each pruned answer (its stop token included) after its prompt through both
+    models, so every token the pruned model wrote carries the JS divergence of the two models' predictions there
+    (the Generations page colours answers with it); re-tokenizing the decoded text could give other ids."""
+    tokenizer = pruned.tokenizer
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in task_prompts(settings, tokenizer, records)]
+    sequences, scored = forced_on_ids(prompts, answers)
+    result = model_divergence(dense.model, pruned.model, sequences, scored, batch_size=8, log2=settings.log2,
+                              progress=progress)
+    return AnswerDivergence(result.jsd, result.per_sample,
+                            [scored_tokens(tokenizer, ids, mask) for ids, mask in zip(sequences, scored)])
+
+
+def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, data_dir: str | None = None,
+             log: Log = lambda _m: None, progress: StageProgress = lambda _stage, _done, _total: None,
+             dense_side: dict | None = None) -> tuple[dict, list[dict]]:
+    """Returns the summary (dense and pruned metrics, divergences, seconds) and the per-example records;
+    `progress(stage, done, total)` is called as each stage advances. `dense_side`, from `measure_side` on the
+    dense model with the same settings, skips recomputing it."""
+    settings.check()
+    if dense_side is None:
+        dense_side = measure_side(dense, settings, "dense", data_dir, log, progress)
+    pruned_side = measure_side(pruned, settings, "pruned", data_dir, log, progress)
+    summary: dict = {"dense": {}, "pruned": {}, "seconds": {**dense_side["seconds"], **pruned_side["seconds"]},
+                     "protocol": {}}
+    examples: list[dict] = []
+    tokenizer = dense.tokenizer
+
+    if settings.ppl:
+        summary["dense"]["ppl"], summary["pruned"]["ppl"] = dense_side["ppl"], pruned_side["ppl"]
+        summary["protocol"]["ppl"] = pruned_side["ppl_protocol"]
+
+    if settings.jsd:
+        records = records_of(settings.jsd, data_dir, settings.limit)
+        template = template_for(settings, tokenizer, settings.jsd)
+        sequences, scored = teacher_forced(records, tokenizer, prompt_renderer(template, tokenizer),
+                                           settings.response_only)
+        started = time.perf_counter()
+        result = model_divergence(dense.model, pruned.model, sequences, scored, batch_size=8, log2=settings.log2,
+                                  progress=lambda d, n: progress("divergence", d, n))
+        summary["seconds"]["divergence"] = time.perf_counter() - started
+        for key in ("jsd", "kl_dense_pruned", "kl_pruned_dense", "flip_rate"):
+            summary[key] = getattr(result, key)
+        summary["protocol"]["divergence"] = {"source": settings.jsd, "samples": len(records), "template": template,
+                                             "scored_tokens": result.scored_tokens, "log": "2" if settings.log2 else "e",
+                                             "positions": "response" if settings.response_only else "all"}
+        for i, (record, ids, mask, sample) in enumerate(zip(records, sequences, scored, result.per_sample)):
+            examples.append({"id": f"jsd-{i}", "kind": "divergence", "instruction": record["instruction"],
+                             "input": record.get("input", ""), "reference": record["output"],
+                             "input_ids": ids.tolist(), "scored": mask.int().tolist(),
+                             "tokens": scored_tokens(tokenizer, ids, mask), **sample})
+        log(f"divergence: JS {result.jsd:.4f}, flips {result.flip_rate:.3f} over {result.scored_tokens} tokens")
+
+    if settings.tasks:
+        records = records_of(settings.tasks, data_dir, settings.limit)
+        compared = compare_outputs(records, dense_side["outputs"], pruned_side["outputs"])
+        for side in ("dense", "pruned"):
+            summary[side].update(compared[side])
+        summary["flips_lost"], summary["flips_gained"] = compared["flips_lost"], compared["flips_gained"]
+        summary["protocol"]["tasks"] = {"source": settings.tasks, "examples": compared["n"],
+                                        "template": template_for(settings, tokenizer, settings.tasks),
+                                        "max_new_tokens": settings.max_new_tokens, "decoding": "greedy"}
+        task_examples = [{**e, "id": f"task-{i}", "kind": "task",
+                          "dense": {m: e[f"{m}_dense"] for m in ("em", "f1", "rouge1")},
+                          "pruned": {m: e[f"{m}_pruned"] for m in ("em", "f1", "rouge1")}}
+                         for i, e in enumerate(compared["examples"])]
+        answers = divergence_on_answers(dense, pruned, records, pruned_side["output_ids"], settings,
+                                        lambda d, n: progress("divergence on answers", d, n))
+        summary["answer_jsd"] = answers.jsd
+        for example, tokens, sample in zip(task_examples, answers.tokens, answers.per_sample):
+            example.update(pruned_tokens=tokens, pruned_token_jsd=sample["token_jsd"], answer_jsd=sample["jsd"])
+        if settings.judge_model:
+            for side, measured in (("dense", dense_side), ("pruned", pruned_side)):
+                summary[side]["judge"] = measured["judge"]
+                for example, record in zip(task_examples, measured["judge_records"]):
+                    example[f"judge_{side}"] = record
+        examples.extend(task_examples)
+    return summary, examples

@@ -1,0 +1,125 @@
+"""Run one job of the store: prune a copy of the dense model, save it as an artifact, evaluate it against the
+dense model (whose own side is computed once per model and setting), and record everything."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, replace
+
+import psutil
+import torch
+
+from backend.log import Log, stderr_log
+from backend.runs.artifacts import MODEL_ARTIFACT, describe
+from backend.runs.evaluate import evaluate, measure_side
+from backend.runs.export import save_pruned
+from backend.runs.spec import RunSpec, dense_key
+from backend.runs.store import Store
+from backend.sources import models
+from backend.sources.calibration import build_calibration, open_source
+from compression.driver import Progress, peak_rss_mb, prune_model
+from compression.methods import create
+from compression.patterns import parse_pattern
+
+
+class Cancelled(Exception):
+    """The user asked to cancel the job."""
+
+
+@dataclass
+class Reporter:
+    """Writes a job's stage and progress to the store at most every `interval` seconds (always at a stage's
+    start and end) and turns a cancel request into Cancelled."""
+
+    store: Store
+    job_id: int
+    interval: float = 0.5
+    last: float = 0.0
+    stage: str = ""
+
+    def __call__(self, stage: str, done: int | None = None, total: int | None = None, message: str | None = None,
+                 ) -> None:
+        now = time.monotonic()
+        boundary = stage != self.stage or (total is not None and done in (0, total))
+        if not boundary and now - self.last < self.interval:
+            return
+        self.stage, self.last = stage, now
+        if self.store.progress(self.job_id, stage, done, total, message):
+            raise Cancelled(f"cancelled during {stage}")
+
+
+@dataclass
+class ModelCache:
+    """Keeps the dense model of the last job loaded, so jobs on the same model skip loading it again."""
+
+    device: str = "auto"
+    log: Log = stderr_log
+    key: tuple | None = None
+    dense: models.LoadedModel | None = field(default=None, repr=False)
+
+    def get(self, spec: RunSpec) -> models.LoadedModel:
+        key = (spec.model, spec.dtype, self.device)
+        if key != self.key:
+            self.dense, self.key = None, None
+            self.dense = models.load(spec.model, self.device, spec.dtype, log=self.log)
+            self.key = key
+        return self.dense
+
+    def working_copy(self, spec: RunSpec) -> models.LoadedModel:
+        """A copy of the dense model to prune in place: copied in memory when it fits, else loaded again."""
+        dense = self.get(spec)
+        size = sum(p.numel() * p.element_size() for p in dense.model.parameters())
+        fits = (psutil.virtual_memory().available if dense.device.type == "cpu"
+                else torch.cuda.mem_get_info(dense.device)[0]) > 1.3 * size
+        if fits:
+            return replace(dense, model=copy.deepcopy(dense.model))
+        return models.load(spec.model, self.device, spec.dtype, log=self.log)
+
+
+def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -> None:
+    """Run a queued job to the end; raises Cancelled or the error that stopped it."""
+    run_id, report = job["run_id"], Reporter(store, job["job_id"])
+    spec, prints = store.spec(run_id), store.fingerprints(run_id)
+    data_dir = job.get("data_dir")
+    report("loading model", message=f"loading {spec.model}")
+    dense = cache.get(spec)
+    report("calibration", 0, spec.nsamples, message=f"{spec.calibration}: {spec.nsamples} x {spec.seqlen} tokens")
+    source = open_source(spec.calibration, data_dir)
+    calibration = build_calibration(source, dense.model, dense.tokenizer, spec.nsamples, spec.seqlen, spec.seed,
+                                    spec.template, progress=lambda d, n: report("calibration", d, n))
+    working = cache.working_copy(spec)
+    method = create(spec.method, sparsity=spec.sparsity, pattern=parse_pattern(spec.pattern),
+                    **({"per_row": True} if spec.per_row else {}))
+
+    def on_layer(event: Progress) -> None:
+        done = event.layer if event.stage == "layer" else event.layer - 1
+        report("pruning", done, event.layers, message=f"layer {event.layer} of {event.layers} {event.module}".strip())
+
+    started = time.perf_counter()
+    pruned = prune_model(working.model, calibration, method, order=spec.order, device=working.device,
+                         progress=on_layer)
+    prune = {**pruned.to_dict(), "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    layers = prune.pop("layers")
+    report("saving", message="writing the pruned model")
+    folder = save_pruned(working.model, working.tokenizer, store.run_folder(run_id) / MODEL_ARTIFACT,
+                         {"run_id": run_id, "spec": spec.to_dict(), "report": pruned.to_dict()})
+    store.save_artifact(run_id, MODEL_ARTIFACT, folder, describe(folder))
+    if job["kind"] == "rebuild":
+        store.save_layers(run_id, layers)
+        log(f"run {run_id}: pruned model rebuilt in {folder}")
+        return
+    key = dense_key(spec, prints)
+    dense_side = store.dense_result(key)
+    reused = dense_side is not None
+    if not reused:
+        dense_side = measure_side(dense, spec.evaluation, "dense", data_dir, log, report)
+        store.save_dense_result(key, spec.model, dense_side)
+    else:
+        dense_side = {**dense_side, "seconds": {}}
+        log(f"dense side of the evaluation reused ({key})")
+    lm = replace(working, path=str(folder), name=f"{spec.model} ({spec.summary()})")
+    summary, examples = evaluate(dense, lm, spec.evaluation, data_dir, log, report, dense_side=dense_side)
+    summary["dense_reused"] = reused
+    store.save_results(run_id, prune, layers, summary, examples)
+    log(f"run {run_id}: done")

@@ -1,0 +1,91 @@
+"""What the CLI and the dashboard ask of the backend: submit a spec (starting the worker when needed), what data is
+available offline, and a run's full picture. Torch-free, so pages answer at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from backend.runs.artifacts import intact
+from backend.runs.spec import DEFAULT_MODEL, RunSpec, SpecError, fingerprints, run_id
+from backend.runs.store import ACTIVE, Store
+from backend.runs.worker import ensure_worker
+from backend.sources.datasets import (
+    BUILTIN_FILES,
+    HUB_IDS,
+    LOCAL_FILES,
+    SOURCE_KINDS,
+    hub_reachable,
+    offline_sources,
+)
+
+_children: list[subprocess.Popen] = []
+
+
+def submit(store: Store, spec: RunSpec, data_dir: str | None = None, device: str = "auto",
+           start_worker: bool = True) -> dict:
+    """Queue a spec, or find it already done; returns run_id, state, cached and job_id. Starts a worker (its own
+    program, never a fork of the caller) when there is work and none runs."""
+    spec = spec.normalised()
+    if spec.evaluation.judge_model and not os.environ.get("OPENAI_API_KEY"):
+        raise SpecError("judge_model needs an API key: set OPENAI_API_KEY (it is never written anywhere)")
+    prints = fingerprints(spec, data_dir)
+    if prints["model"].endswith("@unknown") and not hub_reachable():
+        raise SpecError(f"model {spec.model!r} is not in the local Hugging Face cache and the hub is unreachable: "
+                        f"give {DEFAULT_MODEL} or a local folder")
+    rid = run_id(spec, prints)
+    submission = store.submit(spec, prints, rid, artifacts_ok=intact(store, rid), data_dir=data_dir)
+    if start_worker and not submission.cached:
+        start(store.root, device)
+    return {"run_id": rid, "state": submission.state, "cached": submission.cached, "job_id": submission.job_id}
+
+
+def start(root: Path, device: str = "auto") -> None:
+    """Start a worker unless one runs, and reap the ones this process started that have exited."""
+    _children[:] = [child for child in _children if child.poll() is None]
+    child = ensure_worker(root, device)
+    if child is not None:
+        _children.append(child)
+
+
+def source_status(data_dir: str | None = None) -> dict[str, str]:
+    """Each named source and whether it can load now: 'offline', 'hub' (needs the internet) or 'unavailable'."""
+    local = set(offline_sources(data_dir))
+    online = hub_reachable()
+    status = {}
+    for name in (*LOCAL_FILES, *BUILTIN_FILES):
+        status[name] = "offline" if name in local else ("hub" if online and name in HUB_IDS else "unavailable")
+    return status
+
+
+def sources_of_kind(kind: str) -> list[str]:
+    """Named sources holding 'texts' or 'records'."""
+    return [name for name, k in SOURCE_KINDS.items() if k == kind]
+
+
+def run_detail(store: Store, rid: str) -> dict:
+    """Everything a page shows about one run: the flat row, spec, latest job, metrics and the prune report."""
+    row = next((r for r in store.runs() if r["run_id"] == rid), None)
+    if row is None:
+        raise SpecError(f"run {rid!r} is not in the store {store.root}")
+    metrics = store.metrics(rid) or {}
+    return {"row": row, "spec": store.spec(rid), "job": store.latest_job(rid), "summary": metrics.get("summary"),
+            "prune": metrics.get("prune"), "active": row["state"] in ACTIVE}
+
+
+def wait(store: Store, run_ids: list[str], on_update: Callable[[str, dict | None], None] = lambda _rid, _job: None,
+         poll_s: float = 0.5) -> None:
+    """Poll until every run's latest job is final; `on_update(run_id, job)` sees each poll of a pending run."""
+    pending = set(run_ids)
+    while pending:
+        store.recover_stale()
+        for rid in list(pending):
+            job = store.latest_job(rid)
+            on_update(rid, job)
+            if job is None or job["state"] not in ACTIVE:
+                pending.discard(rid)
+        if pending:
+            time.sleep(poll_s)

@@ -1,0 +1,172 @@
+"""Typed run specs (what to prune, how to evaluate), their validation and stable run ids. Torch-free, so a
+cached run is found without loading any model library."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from backend.runs.identity import data_fingerprint, model_fingerprint
+from backend.sources.names import DEFAULT_MODEL, DTYPE_NAMES, model_problem
+from compression.methods import METHOD_NAMES as METHODS
+from compression.orders import ORDERS
+from compression.patterns import check_sparsity, parse_pattern
+from metrics.prompts import TEMPLATES
+
+CALIBRATION_TEMPLATES = ("alpaca", "chat")
+
+
+class SpecError(ValueError):
+    """An invalid spec; the message names the field, the bad value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to measure; a source of None skips that part."""
+
+    ppl: str | None = "wikitext2"
+    ppl_seqlen: int = 512
+    ppl_windows: int = 40
+    jsd: str | None = "alpaca"
+    tasks: str | None = "unnatural"
+    limit: int = 100
+    template: str = "auto"
+    response_only: bool = True
+    log2: bool = False
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    judge_model: str | None = None
+    judge_base_url: str | None = None
+
+    def check(self) -> None:
+        """Reject bad values with the field's name and what is allowed."""
+        if self.template not in ("auto", *TEMPLATES):
+            raise SpecError(f"template {self.template!r} is not allowed: use auto, {', '.join(TEMPLATES)}")
+        for name in ("ppl_seqlen", "ppl_windows", "limit", "max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SpecError(f"{name.replace('_', '-')} {value!r} is not allowed: use an integer of at least 1")
+        if not (self.ppl or self.jsd or self.tasks):
+            raise SpecError("nothing to evaluate: give at least one of --ppl, --jsd, --tasks")
+
+    def sources(self) -> list[str]:
+        """The data sources this evaluation reads."""
+        return [s for s in (self.ppl, self.jsd, self.tasks) if s]
+
+    def dense_key(self) -> dict:
+        """The settings the dense side's results depend on (the batch size does not change greedy answers)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batch_size",)}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One experiment: a model pruned by a method at a sparsity with a calibration set, then evaluated."""
+
+    method: str
+    sparsity: float
+    model: str = DEFAULT_MODEL
+    pattern: str = "unstructured"
+    calibration: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    template: str = "alpaca"
+    order: str = "sequential"
+    per_row: bool = False
+    dtype: str = "auto"
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+
+    def normalised(self) -> RunSpec:
+        """Validate, then canonical spellings (lower-case method, '2:4', absolute local paths, rounded sparsity)."""
+        self.check()
+        model = self.model.strip()
+        if Path(model).expanduser().exists():
+            model = str(Path(model).expanduser().resolve())
+        calibration = self.calibration.strip()
+        if Path(calibration).expanduser().is_file():
+            calibration = str(Path(calibration).expanduser().resolve())
+        return replace(self, method=self.method.strip().lower(), model=model, calibration=calibration,
+                       pattern=str(parse_pattern(self.pattern.strip())), sparsity=round(float(self.sparsity), 6))
+
+    def check(self) -> None:
+        """Raise SpecError naming the first bad field."""
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise SpecError(f"model is empty: give {DEFAULT_MODEL}, a Hugging Face id or a local folder")
+        problem = model_problem(self.model.strip())
+        if problem:
+            raise SpecError(problem)
+        if not isinstance(self.method, str) or self.method.strip().lower() not in METHODS:
+            raise SpecError(f"method {self.method!r} is not allowed: use one of {', '.join(METHODS)}")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise SpecError(f"sparsity {self.sparsity!r} is not a number: use a fraction in [0, 1), such as 0.5")
+        try:
+            pattern = parse_pattern(self.pattern.strip() if isinstance(self.pattern, str) else str(self.pattern))
+            check_sparsity(float(self.sparsity), pattern)
+        except ValueError as err:
+            raise SpecError(str(err)) from None
+        if not isinstance(self.calibration, str) or not self.calibration.strip():
+            raise SpecError("calibration is empty: give c4, alpaca, wikitext2, unnatural, demo-prose, self or a file")
+        for name in ("nsamples", "seqlen"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpecError(f"{name} {value!r} is not allowed: use an integer of at least 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise SpecError(f"seed {self.seed!r} is not allowed: use a non-negative integer")
+        if self.template not in CALIBRATION_TEMPLATES:
+            raise SpecError(f"template {self.template!r} is not allowed for calibration: use alpaca or chat")
+        if self.order not in ORDERS:
+            raise SpecError(f"order {self.order!r} is not allowed: use one of {', '.join(ORDERS)}")
+        if self.per_row and self.method.strip().lower() != "magnitude":
+            raise SpecError(f"per_row applies to magnitude only, not {self.method!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise SpecError(f"dtype {self.dtype!r} is not allowed: use one of {', '.join(DTYPE_NAMES)}")
+        if not isinstance(self.evaluation, EvalSettings):
+            raise SpecError("evaluation must be EvalSettings")
+        self.evaluation.check()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunSpec:
+        """A spec from its dict form; unknown fields are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"unknown spec field(s) {', '.join(unknown)}: allowed are {', '.join(sorted(known))}")
+        evaluation = data.get("evaluation") or {}
+        if isinstance(evaluation, dict):
+            allowed = {f.name for f in fields(EvalSettings)}
+            bad = sorted(set(evaluation) - allowed)
+            if bad:
+                raise SpecError(f"unknown evaluation field(s) {', '.join(bad)}: allowed are {', '.join(sorted(allowed))}")
+            evaluation = EvalSettings(**evaluation)
+        return cls(**{**data, "evaluation": evaluation})
+
+    def summary(self) -> str:
+        """A short label such as 'wanda 50% unstructured, c4 32x256'."""
+        return (f"{self.method} {self.sparsity:.0%} {self.pattern}, {Path(self.calibration).name} "
+                f"{self.nsamples}x{self.seqlen}")
+
+
+def fingerprints(spec: RunSpec, data_dir: str | None = None) -> dict:
+    """What the results depend on beyond the spec's words: the model's files and the data's contents."""
+    sources = {spec.calibration, *spec.evaluation.sources()}
+    return {"model": model_fingerprint(spec.model),
+            "data": {s: data_fingerprint(s, data_dir) for s in sorted(sources)}}
+
+
+def run_id(spec: RunSpec, prints: dict) -> str:
+    """The same experiment on the same model files and data gets the same id."""
+    canonical = json.dumps({"spec": spec.to_dict(), "fingerprints": prints}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def dense_key(spec: RunSpec, prints: dict) -> str:
+    """Identifies the dense side of an evaluation: one model, one dtype, one evaluation setting, the same data."""
+    data = {s: prints["data"].get(s) for s in spec.evaluation.sources()}
+    canonical = json.dumps({"model": spec.model, "model_fp": prints["model"], "dtype": spec.dtype,
+                            "evaluation": spec.evaluation.dense_key(), "data": data}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,387 @@
+"""The results store: one SQLite file (WAL) holding runs, jobs, per-layer reports, metrics, per-example records,
+the cached dense side of evaluations and the artifacts' checksums, beside a folder of artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from backend.runs.spec import RunSpec
+
+DB_NAME = "prunescope.db"
+ACTIVE = ("queued", "running")
+FINAL = ("done", "failed", "interrupted", "cancelled")
+STATES = ACTIVE + FINAL
+STALE_HEARTBEAT_S = 60.0
+
+MIGRATIONS: list[str] = [
+    # 1: runs, their jobs and results
+    """
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        fingerprints TEXT NOT NULL,
+        model TEXT NOT NULL, method TEXT NOT NULL, sparsity REAL NOT NULL, pattern TEXT NOT NULL,
+        calibration TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE jobs (
+        job_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL REFERENCES runs(run_id),
+        kind TEXT NOT NULL DEFAULT 'full',
+        state TEXT NOT NULL,
+        data_dir TEXT,
+        stage TEXT, done INTEGER, total INTEGER, message TEXT,
+        worker_pid INTEGER, heartbeat REAL,
+        created_at REAL NOT NULL, started_at REAL, finished_at REAL
+    );
+    CREATE UNIQUE INDEX one_active_job ON jobs(run_id) WHERE state IN ('queued', 'running');
+    CREATE INDEX jobs_by_state ON jobs(state, job_id);
+    CREATE TABLE layers (
+        run_id TEXT NOT NULL REFERENCES runs(run_id),
+        name TEXT NOT NULL, layer INTEGER NOT NULL, module TEXT NOT NULL,
+        sparsity REAL, rel_error REAL, seconds REAL, rows INTEGER, cols INTEGER, tokens INTEGER,
+        PRIMARY KEY (run_id, name)
+    );
+    CREATE TABLE metrics (
+        run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+        summary TEXT NOT NULL,
+        prune TEXT NOT NULL,
+        finished_at REAL NOT NULL
+    );
+    CREATE TABLE examples (
+        run_id TEXT NOT NULL REFERENCES runs(run_id),
+        example_id TEXT NOT NULL, kind TEXT NOT NULL, record TEXT NOT NULL,
+        PRIMARY KEY (run_id, example_id)
+    );
+    CREATE TABLE artifacts (
+        run_id TEXT NOT NULL REFERENCES runs(run_id),
+        name TEXT NOT NULL, path TEXT NOT NULL, files TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (run_id, name)
+    );
+    """,
+    # 2: the dense side of an evaluation, computed once per model and setting; cancellation requests
+    """
+    CREATE TABLE dense_results (
+        dense_key TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        result TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 3: when the current stage began, for the dashboard's time estimate
+    """
+    ALTER TABLE jobs ADD COLUMN stage_started_at REAL;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(ValueError):
+    """A store that cannot be used, or a run that is not in it; one line for the user."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a submit found or created."""
+
+    run_id: str
+    job_id: int | None
+    state: str
+    cached: bool
+
+
+def default_root() -> Path:
+    """$PRUNESCOPE_STORE, else the user data directory."""
+    env = os.environ.get("PRUNESCOPE_STORE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "prunescope" / "store"
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists (a zombie counts as gone)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class Store:
+    """A results store rooted at a folder; safe to open from several processes at once."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root).expanduser() if root else default_root()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"store folder {str(self.root)!r} cannot be created: {err.strerror}") from None
+        self.path = self.root / DB_NAME
+        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA busy_timeout = 60000")
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute("PRAGMA foreign_keys = ON")
+        migrate(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once so concurrent writers queue instead of deadlocking."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def run_folder(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    # submitting and claiming work
+
+    def submit(self, spec: RunSpec, prints: dict, run_id: str, artifacts_ok: bool | None = None,
+               data_dir: str | None = None) -> Submission:
+        """Add the run if new. A finished run is served as it is; a run with a queued or running job returns that
+        job; otherwise (new, failed, interrupted, cancelled, or its pruned model lost) a job is queued."""
+        self.recover_stale()
+        with self.write() as db:
+            db.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (run_id, json.dumps(spec.to_dict()), json.dumps(prints), spec.model, spec.method,
+                        spec.sparsity, spec.pattern, spec.calibration, time.time()))
+            active = db.execute("SELECT job_id, state FROM jobs WHERE run_id = ? AND state IN ('queued', 'running')",
+                                (run_id,)).fetchone()
+            if active:
+                return Submission(run_id, active["job_id"], active["state"], cached=False)
+            finished = db.execute("SELECT 1 FROM metrics WHERE run_id = ?", (run_id,)).fetchone() is not None
+            if finished and artifacts_ok is not False:
+                return Submission(run_id, None, "done", cached=True)
+            kind = "rebuild" if finished else "full"
+            cursor = db.execute("INSERT INTO jobs (run_id, kind, state, data_dir, created_at) "
+                                "VALUES (?, ?, 'queued', ?, ?)", (run_id, kind, data_dir, time.time()))
+            return Submission(run_id, cursor.lastrowid, "queued", cached=False)
+
+    def claim_next(self, pid: int) -> sqlite3.Row | None:
+        """The oldest queued job, marked running by this worker."""
+        with self.write() as db:
+            job = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY job_id LIMIT 1").fetchone()
+            if job is None:
+                return None
+            now = time.time()
+            db.execute("UPDATE jobs SET state = 'running', worker_pid = ?, heartbeat = ?, started_at = ?, "
+                       "stage = 'starting', message = NULL WHERE job_id = ?", (pid, now, now, job["job_id"]))
+            return db.execute("SELECT * FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone()
+
+    def progress(self, job_id: int, stage: str, done: int | None = None, total: int | None = None,
+                 message: str | None = None) -> bool:
+        """Record a job's stage and progress (and a heartbeat); returns True when a cancel was asked for."""
+        with self.write() as db:
+            now = time.time()
+            db.execute("UPDATE jobs SET stage_started_at = CASE WHEN stage IS ? THEN stage_started_at ELSE ? END, "
+                       "stage = ?, done = ?, total = ?, message = COALESCE(?, message), heartbeat = ? "
+                       "WHERE job_id = ?", (stage, now, stage, done, total, message, now, job_id))
+            row = db.execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
+
+    def finish(self, job_id: int, state: str, message: str | None = None) -> None:
+        if state not in FINAL:
+            raise ValueError(f"state {state!r} is not final: use one of {', '.join(FINAL)}")
+        with self.write() as db:
+            db.execute("UPDATE jobs SET state = ?, message = COALESCE(?, message), finished_at = ?, heartbeat = ? "
+                       "WHERE job_id = ?", (state, message, time.time(), time.time(), job_id))
+
+    def cancel(self, run_id: str) -> str | None:
+        """Cancel a queued job at once; ask a running one to stop. Returns the job's state, None when idle."""
+        with self.write() as db:
+            job = db.execute("SELECT job_id, state FROM jobs WHERE run_id = ? AND state IN ('queued', 'running')",
+                             (run_id,)).fetchone()
+            if job is None:
+                return None
+            if job["state"] == "queued":
+                db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ?, message = 'cancelled before it "
+                           "started' WHERE job_id = ?", (time.time(), job["job_id"]))
+                return "cancelled"
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job["job_id"],))
+            return "cancelling"
+
+    def recover_stale(self, stale_after: float = STALE_HEARTBEAT_S) -> list[int]:
+        """Running jobs whose worker is gone (no such pid, or no heartbeat for a while) become 'interrupted'."""
+        rows = self.db.execute("SELECT job_id, worker_pid, heartbeat FROM jobs WHERE state = 'running'").fetchall()
+        now = time.time()
+        lost = [r["job_id"] for r in rows
+                if not pid_alive(r["worker_pid"]) or (r["heartbeat"] or 0) < now - stale_after]
+        if lost:
+            with self.write() as db:
+                for job_id in lost:
+                    db.execute("UPDATE jobs SET state = 'interrupted', finished_at = ?, message = 'the worker "
+                               "stopped during this job; submit the run again to redo it' "
+                               "WHERE job_id = ? AND state = 'running'", (now, job_id))
+        return lost
+
+    # results
+
+    def save_results(self, run_id: str, prune: dict, layers: list[dict], summary: dict, examples: list[dict]) -> None:
+        """The per-layer report, metrics and per-example records of a run, in one transaction."""
+        with self.write() as db:
+            self._write_layers(db, run_id, layers)
+            db.execute("DELETE FROM examples WHERE run_id = ?", (run_id,))
+            db.executemany("INSERT INTO examples VALUES (?, ?, ?, ?)",
+                           [(run_id, e["id"], e.get("kind", ""), json.dumps(e)) for e in examples])
+            db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
+                       (run_id, json.dumps(summary), json.dumps(prune), time.time()))
+
+    def save_layers(self, run_id: str, layers: list[dict]) -> None:
+        with self.write() as db:
+            self._write_layers(db, run_id, layers)
+
+    @staticmethod
+    def _write_layers(db: sqlite3.Connection, run_id: str, layers: list[dict]) -> None:
+        db.execute("DELETE FROM layers WHERE run_id = ?", (run_id,))
+        db.executemany("INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(run_id, r["name"], r["layer"], r["module"], r["sparsity"], r["rel_error"], r["seconds"],
+                         r["shape"][0], r["shape"][1], r["tokens"]) for r in layers])
+
+    def save_artifact(self, run_id: str, name: str, path: Path, files: dict[str, dict]) -> None:
+        with self.write() as db:
+            db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",
+                       (run_id, name, str(path), json.dumps(files), time.time()))
+
+    def artifact(self, run_id: str, name: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM artifacts WHERE run_id = ? AND name = ?", (run_id, name)).fetchone()
+        return {"path": Path(row["path"]), "files": json.loads(row["files"])} if row else None
+
+    def dense_result(self, key: str) -> dict | None:
+        row = self.db.execute("SELECT result FROM dense_results WHERE dense_key = ?", (key,)).fetchone()
+        return json.loads(row["result"]) if row else None
+
+    def save_dense_result(self, key: str, model: str, result: dict) -> None:
+        with self.write() as db:
+            db.execute("INSERT OR REPLACE INTO dense_results VALUES (?, ?, ?, ?)",
+                       (key, model, json.dumps(result), time.time()))
+
+    # reading
+
+    def find(self, prefix: str) -> str:
+        """The run id that starts with this prefix; an error names the prefix when none or several match."""
+        rows = self.db.execute("SELECT run_id FROM runs WHERE run_id LIKE ? || '%' LIMIT 2", (prefix,)).fetchall()
+        if not prefix or not rows:
+            raise StoreError(f"run {prefix!r} is not in the store {self.root} (see `python -m backend list`)")
+        if len(rows) > 1:
+            raise StoreError(f"run {prefix!r} is ambiguous: give more characters of the run id")
+        return rows[0]["run_id"]
+
+    def spec(self, run_id: str) -> RunSpec:
+        row = self.db.execute("SELECT spec FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"run {run_id!r} is not in the store {self.root}")
+        return RunSpec.from_dict(json.loads(row["spec"]))
+
+    def fingerprints(self, run_id: str) -> dict:
+        row = self.db.execute("SELECT fingerprints FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return json.loads(row["fingerprints"])
+
+    def latest_job(self, run_id: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE run_id = ? ORDER BY job_id DESC LIMIT 1", (run_id,)).fetchone()
+        return dict(row) if row else None
+
+    def job(self, job_id: int) -> dict | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return dict(row) if row else None
+
+    def metrics(self, run_id: str) -> dict | None:
+        row = self.db.execute("SELECT summary, prune FROM metrics WHERE run_id = ?", (run_id,)).fetchone()
+        return {"summary": json.loads(row["summary"]), "prune": json.loads(row["prune"])} if row else None
+
+    def layers(self, run_id: str) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM layers WHERE run_id = ? ORDER BY layer, rowid",
+                                                 (run_id,))]
+
+    def examples(self, run_id: str, kind: str | None = None) -> list[dict]:
+        query = "SELECT record FROM examples WHERE run_id = ?" + (" AND kind = ?" if kind else "") + " ORDER BY rowid"
+        return [json.loads(r["record"]) for r in self.db.execute(query, (run_id, kind) if kind else (run_id,))]
+
+    def runs(self) -> list[dict]:
+        """One flat row per run, newest first: the spec, the latest job's state and progress, and key metrics."""
+        rows = self.db.execute("""
+            SELECT r.run_id, r.spec, r.created_at, m.summary, m.prune,
+                   j.state, j.stage, j.done, j.total, j.message, j.worker_pid, j.heartbeat, j.started_at,
+                   j.finished_at, j.kind, j.stage_started_at
+            FROM runs r
+            LEFT JOIN metrics m ON m.run_id = r.run_id
+            LEFT JOIN jobs j ON j.job_id = (SELECT MAX(job_id) FROM jobs WHERE run_id = r.run_id)
+            ORDER BY r.created_at DESC""").fetchall()
+        return [run_record(r) for r in rows]
+
+    def integrity(self) -> str:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def run_record(row: sqlite3.Row) -> dict:
+    """A run as one dict of plain values, the shape charts and tables take."""
+    spec = json.loads(row["spec"])
+    summary = json.loads(row["summary"]) if row["summary"] else {}
+    prune = json.loads(row["prune"]) if row["prune"] else {}
+    state = row["state"] or ("done" if summary else "new")
+    if summary and state in ("failed", "interrupted", "cancelled") and row["kind"] == "rebuild":
+        state = "done"
+    out = {"run_id": row["run_id"], **{k: spec[k] for k in ("model", "method", "sparsity", "pattern", "calibration",
+                                                            "nsamples", "seqlen", "seed")},
+           "state": state, "stage": row["stage"], "done": row["done"], "total": row["total"],
+           "message": row["message"], "worker_pid": row["worker_pid"],
+           "heartbeat": row["heartbeat"], "created_at": row["created_at"], "started_at": row["started_at"],
+           "stage_started_at": row["stage_started_at"], "finished_at": row["finished_at"],
+           "overall_sparsity": prune.get("overall_sparsity"),
+           "jsd": summary.get("jsd"), "kl_dense_pruned": summary.get("kl_dense_pruned"),
+           "kl_pruned_dense": summary.get("kl_pruned_dense"), "flip_rate": summary.get("flip_rate"),
+           "answer_jsd": summary.get("answer_jsd")}
+    for side in ("dense", "pruned"):
+        metrics = summary.get(side, {})
+        for key in ("ppl", "em", "f1", "rouge1"):
+            out[f"{side}_{key}"] = metrics.get(key)
+        out[f"{side}_judge"] = (metrics.get("judge") or {}).get("overall")
+    return out
+
+
+def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Bring a store up to `target`, one versioned step per transaction; returns the version reached."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"the store's schema version {version} is newer than this PruneScope's "
+                         f"({SCHEMA_VERSION}): upgrade PruneScope")
+    while version < target:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            current = db.execute("PRAGMA user_version").fetchone()[0]
+            if current == version:
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    return version

@@ -1,0 +1,147 @@
+"""The worker: its own process (`python -m backend worker`) that runs the store's queued jobs one at a time, with
+a heartbeat, and exits after a while with nothing to do. Starting it (`ensure_worker`) is torch-free."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from backend.log import Log
+from backend.runs.store import DB_NAME, Store
+
+LOCK_NAME = "worker.lock"
+LOG_NAME = "worker.log"
+LOG_KEEP_BYTES = 10 << 20
+HEARTBEAT_S = 2.0
+
+
+def try_lock(root: Path):
+    """The worker lock of a store, or None when another worker holds it. Held until the file is closed."""
+    handle = open(root / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def worker_running(root: Path) -> bool:
+    handle = try_lock(root)
+    if handle is None:
+        return True
+    handle.close()
+    return False
+
+
+def stop_worker(root: Path) -> int | None:
+    """SIGTERM the worker serving this store, if one holds its lock; returns its pid. A job it was running is
+    found interrupted later, like any other stop."""
+    lock = Path(root) / LOCK_NAME
+    if not worker_running(Path(root)) or not lock.read_text().strip():
+        return None
+    pid = int(lock.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+def ensure_worker(root: Path, device: str = "auto") -> subprocess.Popen | None:
+    """Start a worker for this store as a separate program unless one runs; returns the new process."""
+    root = Path(root)
+    if worker_running(root):
+        return None
+    path = root / LOG_NAME
+    if path.is_file() and path.stat().st_size > LOG_KEEP_BYTES:
+        path.replace(path.with_name(LOG_NAME + ".1"))
+    log = open(path, "ab")
+    command = [sys.executable, "-m", "backend", "worker", "--store", str(root), "--device", device]
+    project = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=project, env=env)
+
+
+class Heartbeat(threading.Thread):
+    """Marks the running job alive every few seconds from its own connection, even inside long torch calls."""
+
+    def __init__(self, root: Path, job_id: int) -> None:
+        super().__init__(daemon=True)
+        self.root, self.job_id, self.stopped = root, job_id, threading.Event()
+
+    def run(self) -> None:
+        db = sqlite3.connect(self.root / DB_NAME, timeout=60, isolation_level=None)
+        try:
+            while not self.stopped.wait(HEARTBEAT_S):
+                db.execute("UPDATE jobs SET heartbeat = ? WHERE job_id = ? AND state = 'running'",
+                           (time.time(), self.job_id))
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join()
+
+
+def serve(root: Path, device: str = "auto", idle_exit: float = 60.0, log: Log | None = None) -> int:
+    """Run queued jobs until the queue has stayed empty for `idle_exit` seconds. Returns the jobs run."""
+    def say(message: str) -> None:
+        print(f"[worker {os.getpid()} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    log = log or say
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = try_lock(root)
+    if lock is None:
+        log("another worker already serves this store; exiting")
+        return 0
+    from backend.runs.jobs import Cancelled, ModelCache, execute
+
+    store = Store(root)
+    lost = store.recover_stale(stale_after=0.0)
+    if lost:
+        log(f"jobs {lost} were left running by a worker that stopped: marked interrupted")
+    cache = ModelCache(device=device, log=log)
+    ran, idle_since = 0, time.monotonic()
+    try:
+        while True:
+            job = store.claim_next(os.getpid())
+            if job is None:
+                if time.monotonic() - idle_since > idle_exit:
+                    return ran
+                time.sleep(0.3)
+                continue
+            job = dict(job)
+            log(f"job {job['job_id']} ({job['kind']}) of run {job['run_id']}")
+            beat = Heartbeat(root, job["job_id"])
+            beat.start()
+            try:
+                execute(store, job, cache, log)
+                store.finish(job["job_id"], "done", "done")
+            except Cancelled as stop:
+                store.finish(job["job_id"], "cancelled", str(stop))
+                log(str(stop))
+            except Exception as err:  # noqa: BLE001  (a job's error is recorded and the worker goes on)
+                store.finish(job["job_id"], "failed", f"{type(err).__name__}: {err}")
+                log(traceback.format_exc())
+            finally:
+                beat.stop()
+            ran += 1
+            idle_since = time.monotonic()
+    finally:
+        store.close()
+        lock.close()

@@ -1,0 +1,43 @@
+"""Integration on the embedded SmolLM2-135M: real weights, real C4 and WikiText-2 text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend.sources.datasets import load_source
+from backend.sources.models import load
+from compression.calibration import windows_from_documents
+from compression.driver import prune_model
+from compression.methods import create
+from metrics.perplexity import perplexity
+from tests.conftest import SHARED_DATA, needs_shared
+
+pytestmark = needs_shared
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return load_source("c4", SHARED_DATA).items, load_source("wikitext2", SHARED_DATA).items
+
+
+def test_embedded_model_loads_as_a_llama_with_tied_embeddings(embedded_folder):
+    lm = load("smollm2-135m")
+    assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.dtype == torch.float32
+    assert lm.model.get_output_embeddings().weight is lm.model.get_input_embeddings().weight
+    assert len(lm.model.model.layers) == 30 and lm.tokenizer("Hello").input_ids[0] != lm.tokenizer.bos_token_id
+
+
+def test_calibrated_methods_keep_perplexity_where_magnitude_loses_it(texts):
+    docs, wiki = texts
+    ppl = {}
+    for method in ["dense", "wanda", "sparsegpt", "magnitude"]:
+        lm = load("smollm2-135m")
+        if method != "dense":
+            windows = windows_from_documents(docs, lm.tokenizer, 4, 128, seed=0)
+            report = prune_model(lm.model, windows, create(method, sparsity=0.5))
+            assert abs(report.overall_sparsity - 0.5) < 1e-3 and len(report.layers) == 210
+        ppl[method] = perplexity(lm.model, lm.tokenizer, wiki, 256, windows=2).ppl
+    assert ppl["dense"] < ppl["wanda"] < 4 * ppl["dense"], ppl
+    assert ppl["dense"] < ppl["sparsegpt"] < 4 * ppl["dense"], ppl
+    assert ppl["magnitude"] > 2 * max(ppl["wanda"], ppl["sparsegpt"]), ppl

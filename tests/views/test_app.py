@@ -1,0 +1,111 @@
+"""Home and Run pages under AppTest, against real stores filled by the real CLI and worker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from backend.runs.store import Store
+from backend.runs.worker import stop_worker
+from tests.conftest import ROOT
+
+
+def app(monkeypatch, store) -> AppTest:
+    monkeypatch.setenv("PRUNESCOPE_STORE", str(store))
+    monkeypatch.delenv("PRUNESCOPE_DATA_DIR", raising=False)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.run()
+    return at
+
+
+def test_home_on_an_empty_store_offers_the_demo(monkeypatch, tmp_path):
+    at = app(monkeypatch, tmp_path)
+    assert not at.exception
+    assert "PruneScope" in at.title[0].value
+    assert [m.value for m in at.metric][:2] == ["0", "0"]
+    assert any("Start the demo" in b.label for b in at.button)
+    assert any("self" in m.value and "demo-prose" in m.value for m in at.markdown)
+
+
+def test_home_names_the_closest_and_furthest_runs(monkeypatch, filled_store):
+    at = app(monkeypatch, filled_store)
+    assert not at.exception
+    assert at.metric[0].value == "4" and at.metric[1].value == "4"
+    text = " ".join(m.value for m in at.markdown)
+    assert "Closest to dense" in text and "Furthest from dense" in text
+
+
+def fill_form(at: AppTest, model: str, seed: int, calibration: str = "demo-prose") -> None:
+    """The Run page's form set to the tiny model and the settings of the filled store's runs."""
+    form = {w.label: w for w in [*at.text_input, *at.number_input]}
+    form["Model"].set_value(model)
+    form["Samples"].set_value(4)
+    form["Sequence length"].set_value(64)
+    form["Seed"].set_value(seed)
+    form["Examples"].set_value(6)
+    form["Perplexity windows"].set_value(2)
+    form["Perplexity length"].set_value(64)
+    form["Max new tokens"].set_value(4)
+    selects = {s.label: s for s in at.selectbox}
+    selects["Method"].set_value("wanda")
+    selects["Calibration data"].set_value(calibration)
+    selects["Perplexity data"].set_value("demo-prose")
+    selects["JS divergence data (teacher forcing)"].set_value("demo")
+    selects["Task data (generated answers)"].set_value("demo")
+
+
+def submit(at: AppTest) -> AppTest:
+    next(b for b in at.button if b.label == "Prune and evaluate").click()
+    return at.run()
+
+
+def test_the_run_page_serves_a_finished_spec_from_the_store_at_once(monkeypatch, filled_store, tiny_folder):
+    at = app(monkeypatch, filled_store)
+    at.switch_page("views/run.py").run()
+    fill_form(at, str(tiny_folder), seed=0)
+    jobs = Store(filled_store).db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+    at = submit(at)
+    assert not at.exception
+    assert any("served from the store" in s.value for s in at.success)
+    assert at.query_params["run"] in {r["run_id"] for r in Store(filled_store).runs()}
+    assert Store(filled_store).db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == jobs
+    assert {"Perplexity", "JS divergence", "F1"} <= {m.label for m in at.metric}
+
+
+def test_the_run_page_reports_a_bad_spec_naming_the_value(monkeypatch, tmp_path, tiny_folder):
+    at = app(monkeypatch, tmp_path)
+    at.switch_page("views/run.py").run()
+    fill_form(at, str(tiny_folder / "no-such-model"), seed=0)
+    at = submit(at)
+    assert not at.exception
+    assert any("no-such-model" in e.value for e in at.error)
+    assert Store(tmp_path).runs() == []
+
+
+def test_a_new_run_from_the_page_is_queued_polled_and_finishes(monkeypatch, tmp_path, tiny_folder):
+    at = app(monkeypatch, tmp_path)
+    at.switch_page("views/run.py").run()
+    fill_form(at, str(tiny_folder), seed=3)
+    try:
+        at = submit(at)
+        assert not at.exception
+        rid = at.query_params["run"]
+        deadline = time.monotonic() + 180
+        while not at.success and time.monotonic() < deadline:
+            assert not at.error, [e.value for e in at.error]
+            time.sleep(1.0)
+            at.run()
+        assert any(s.value.startswith("Done") for s in at.success)
+        assert Store(tmp_path).metrics(rid)["summary"]["pruned"]["ppl"] > 0
+    finally:
+        stop_worker(tmp_path)
+
+
+@pytest.mark.parametrize("page", ["views/home.py", "views/run.py"])
+def test_pages_render_with_a_run_in_the_url_that_is_not_in_the_store(monkeypatch, tmp_path, page):
+    at = app(monkeypatch, tmp_path)
+    at.query_params["run"] = "feedfacefeedface"
+    at.switch_page(page).run()
+    assert not at.exception
