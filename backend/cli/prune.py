@@ -15,7 +15,7 @@ from backend.log import stderr_log
 def cmd_prune(args: argparse.Namespace) -> dict:
     """Prune with progress on stderr, save the folder, and return the spec, the stages and the per-matrix report."""
     from backend import api
-    from compression.driver import peak_rss_mb
+    from compression.report import peak_rss_mb
 
     started = time.perf_counter()
     bar = progress_bar(0, f"{args.method} {args.sparsity:g}", unit="layer")

@@ -18,9 +18,10 @@ from backend.runs.spec import RunSpec, dense_key
 from backend.runs.store import Store
 from backend.sources import models
 from backend.sources.calibration import build_calibration, open_source
-from compression.driver import Progress, peak_rss_mb, prune_model
+from compression.driver import prune_model
 from compression.methods import create
 from compression.patterns import parse_pattern
+from compression.report import Progress, peak_rss_mb
 
 
 class Cancelled(Exception):

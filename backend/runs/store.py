@@ -12,81 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from backend.runs.schema import SCHEMA_VERSION, StoreError, migrate
 from backend.runs.spec import RunSpec
+
+__all__ = ["ACTIVE", "DB_NAME", "FINAL", "SCHEMA_VERSION", "STATES", "Store", "StoreError", "Submission"]
 
 DB_NAME = "prunescope.db"
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "interrupted", "cancelled")
 STATES = ACTIVE + FINAL
 STALE_HEARTBEAT_S = 60.0
-
-MIGRATIONS: list[str] = [
-    # 1: runs, their jobs and results
-    """
-    CREATE TABLE runs (
-        run_id TEXT PRIMARY KEY,
-        spec TEXT NOT NULL,
-        fingerprints TEXT NOT NULL,
-        model TEXT NOT NULL, method TEXT NOT NULL, sparsity REAL NOT NULL, pattern TEXT NOT NULL,
-        calibration TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE jobs (
-        job_id INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL REFERENCES runs(run_id),
-        kind TEXT NOT NULL DEFAULT 'full',
-        state TEXT NOT NULL,
-        data_dir TEXT,
-        stage TEXT, done INTEGER, total INTEGER, message TEXT,
-        worker_pid INTEGER, heartbeat REAL,
-        created_at REAL NOT NULL, started_at REAL, finished_at REAL
-    );
-    CREATE UNIQUE INDEX one_active_job ON jobs(run_id) WHERE state IN ('queued', 'running');
-    CREATE INDEX jobs_by_state ON jobs(state, job_id);
-    CREATE TABLE layers (
-        run_id TEXT NOT NULL REFERENCES runs(run_id),
-        name TEXT NOT NULL, layer INTEGER NOT NULL, module TEXT NOT NULL,
-        sparsity REAL, rel_error REAL, seconds REAL, rows INTEGER, cols INTEGER, tokens INTEGER,
-        PRIMARY KEY (run_id, name)
-    );
-    CREATE TABLE metrics (
-        run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
-        summary TEXT NOT NULL,
-        prune TEXT NOT NULL,
-        finished_at REAL NOT NULL
-    );
-    CREATE TABLE examples (
-        run_id TEXT NOT NULL REFERENCES runs(run_id),
-        example_id TEXT NOT NULL, kind TEXT NOT NULL, record TEXT NOT NULL,
-        PRIMARY KEY (run_id, example_id)
-    );
-    CREATE TABLE artifacts (
-        run_id TEXT NOT NULL REFERENCES runs(run_id),
-        name TEXT NOT NULL, path TEXT NOT NULL, files TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        PRIMARY KEY (run_id, name)
-    );
-    """,
-    # 2: the dense side of an evaluation, computed once per model and setting; cancellation requests
-    """
-    CREATE TABLE dense_results (
-        dense_key TEXT PRIMARY KEY,
-        model TEXT NOT NULL,
-        result TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
-    """,
-    # 3: when the current stage began, for the dashboard's time estimate
-    """
-    ALTER TABLE jobs ADD COLUMN stage_started_at REAL;
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class StoreError(ValueError):
-    """A store that cannot be used, or a run that is not in it; one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -362,26 +297,3 @@ def run_record(row: sqlite3.Row) -> dict:
             out[f"{side}_{key}"] = metrics.get(key)
         out[f"{side}_judge"] = (metrics.get("judge") or {}).get("overall")
     return out
-
-
-def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
-    """Bring a store up to `target`, one versioned step per transaction; returns the version reached."""
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise StoreError(f"the store's schema version {version} is newer than this PruneScope's "
-                         f"({SCHEMA_VERSION}): upgrade PruneScope")
-    while version < target:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            current = db.execute("PRAGMA user_version").fetchone()[0]
-            if current == version:
-                for statement in MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {version + 1}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-    return version

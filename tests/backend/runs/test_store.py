@@ -10,8 +10,9 @@ from dataclasses import replace
 
 import pytest
 
+from backend.runs.schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from backend.runs.spec import EvalSettings, RunSpec, SpecError, fingerprints, run_id
-from backend.runs.store import DB_NAME, MIGRATIONS, SCHEMA_VERSION, Store, migrate
+from backend.runs.store import DB_NAME, Store
 
 SPEC = RunSpec(method="wanda", sparsity=0.5, calibration="self", nsamples=4, seqlen=32,
                evaluation=EvalSettings(ppl=None, jsd="demo", tasks=None, limit=2))
