@@ -35,11 +35,15 @@ class Pruned:
     spec: dict
     stages: dict[str, float] = field(default_factory=dict)
 
-    def save(self, folder: str | Path) -> Path:
-        """Write a normal Hugging Face folder (safetensors) with `prunescope.json` holding the spec and report."""
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write a normal Hugging Face folder (safetensors) with `prunescope.json` holding the spec and report.
+
+        `folder` must be new, empty, or (with `overwrite=True`) a folder PruneScope saved before, which is replaced
+        atomically; any other folder is refused with a ValueError and left untouched."""
         from backend.runs.export import save_pruned
         started = time.perf_counter()
-        path = save_pruned(self.lm.model, self.lm.tokenizer, folder, {"spec": self.spec, "report": self.report.to_dict()})
+        sidecar = {"spec": self.spec, "report": self.report.to_dict()}
+        path = save_pruned(self.lm.model, self.lm.tokenizer, folder, sidecar, overwrite=overwrite)
         self.stages["save"] = time.perf_counter() - started
         return path
 

@@ -176,7 +176,7 @@ def fill(root: Path, sources: list[dict], count: int, depth: int) -> list[str]:
         job = store.claim_next(pid=os.getpid())
         assert job is not None and job["job_id"] == submission.job_id, "the store had other queued work"
         store.save_results(rid, prune, layers, summary, examples)
-        store.finish(job["job_id"], "done")
+        store.finish(job["job_id"], "done", worker_pid=os.getpid())
         ids.append(rid)
     store.close()
     return ids

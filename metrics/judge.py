@@ -140,7 +140,7 @@ def _one_line(text: str, secret: str | None, limit: int = ERROR_LIMIT) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _public_url(url: str) -> str:
+def public_url(url: str) -> str:
     """A base URL without user info or query string, fit for results."""
     parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)[-1]
@@ -267,13 +267,31 @@ def _summarise(records: list[dict]) -> tuple[dict[str, float], float | None]:
     return means, fmean(row["mean"] for row in scored)
 
 
+def configured_endpoint() -> str:
+    """The endpoint the environment's key belongs to: OPENAI_BASE_URL, else OpenAI's."""
+    return os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+
+
+def same_endpoint(a: str, b: str) -> bool:
+    """Two base URLs name the same endpoint (case of the host and a trailing slash aside)."""
+    def parts(url: str) -> tuple:
+        split = urlsplit(url.strip())
+        return split.scheme.lower(), (split.hostname or "").lower(), split.port, split.path.rstrip("/")
+    return parts(a) == parts(b)
+
+
 def judge(examples: list[dict], config: JudgeConfig,
           progress: Callable[[int, int], None] | None = None) -> JudgeResult:
     """Score up to `config.max_samples` responses against their references; failures are recorded, never raised."""
-    secret = config.api_key or os.environ.get("OPENAI_API_KEY") or ""
+    base_url = config.base_url or configured_endpoint()
+    secret = config.api_key or (os.environ.get("OPENAI_API_KEY") if same_endpoint(base_url, configured_endpoint())
+                                else None) or ""
     if not secret.strip():
+        if os.environ.get("OPENAI_API_KEY") and not config.api_key:
+            raise ValueError(f"the key in OPENAI_API_KEY is sent only to the configured endpoint "
+                             f"{public_url(configured_endpoint())}, not to {public_url(base_url)}: pass that "
+                             f"endpoint's own key, or set OPENAI_BASE_URL to it")
         raise ValueError("LLM judge needs an API key: set OPENAI_API_KEY or pass api_key")
-    base_url = config.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     chosen = examples[: config.max_samples]
     client = openai.OpenAI(base_url=base_url, api_key=secret, max_retries=0, timeout=config.timeout_s)
     records: list[dict | None] = [None] * len(chosen)
@@ -292,4 +310,4 @@ def judge(examples: list[dict], config: JudgeConfig,
     failed = sum(row["error"] is not None for row in rows)
     return JudgeResult(records=rows, means=means, overall=overall, judged=len(rows) - failed, failed=failed,
                        skipped_by_cap=len(examples) - len(chosen), model=config.model,
-                       base_url=_public_url(base_url))
+                       base_url=public_url(base_url))

@@ -1,12 +1,13 @@
-"""Home: what PruneScope shows, the store at a glance, and a one-click demo run."""
+"""Home: what PruneScope shows, the store at a glance (its size too), a one-click demo run, and deleting a run."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 from backend.reports import charts
-from backend.runs import service
+from backend.runs import cleanup, service
 from backend.runs.spec import DEFAULT_MODEL, EvalSettings, RunSpec, SpecError
+from backend.runs.store import StoreError
 from views.common import data_dir, fmt, label, store
 
 st.title("✂️ PruneScope")
@@ -37,12 +38,16 @@ db = store()
 rows = db.runs()
 frame = charts.frame(rows)
 finished = charts.done(frame)
-cols = st.columns(4)
+size = cleanup.store_size(db)
+cols = st.columns(5)
 cols[0].metric("Runs in the store", len(rows))
 cols[1].metric("Finished", len(finished))
 cols[2].metric("Models", frame["model"].nunique() if len(frame) else 0)
 cols[3].metric("Active", sum(r["state"] in ("queued", "running") for r in rows))
-st.caption(f"Store: {db.root}")
+cols[4].metric("On disk", cleanup.human_bytes(size["total_bytes"]))
+st.caption(f"Store: {db.root} · {size['runs']} runs, {size['total_bytes'] / 1e6:.1f} MB on disk (database "
+           f"{cleanup.human_bytes(size['db_bytes'])}; artifacts {cleanup.human_bytes(size['artifact_bytes'])}, "
+           f"{size['models']} pruned models)")
 
 if not finished.empty and finished["jsd"].notna().any():
     ranked = finished.dropna(subset=["jsd"]).sort_values("jsd")
@@ -69,3 +74,45 @@ if st.button("Start the demo", type="primary", icon="▶️"):
         st.session_state["cached"] = submitted["run_id"] if submitted["cached"] else None
         st.switch_page("views/run.py", query_params={"run": submitted["run_id"]})
 st.page_link("views/run.py", label="Or choose your own model, method and data", icon="🚀")
+
+
+def manage_store(rows: list[dict]) -> None:
+    """Delete one run (with a confirmation tick), report the bytes freed, and name the CLI's gc."""
+    notice = st.session_state.pop("store-notice", None)
+    if notice:
+        st.success(notice)
+    st.caption("Deleting a run removes its rows (results, layers, examples, jobs) and its folder with the pruned "
+               "model. To free space but keep every run's results, drop old pruned models from the command line: "
+               "`python -m backend gc --keep-models 5` (add `--dry-run` to see what would go).")
+    if not rows:
+        st.caption("No runs to delete.")
+        return
+    by_id = {r["run_id"]: r for r in rows}
+    chosen = st.selectbox("Run to delete", list(by_id), key="delete-run",
+                          format_func=lambda rid: f"{label(by_id[rid])} · {by_id[rid]['state']}")
+    round_ = st.session_state.setdefault("delete-round", 0)
+    sure = st.checkbox("Yes, delete this run for good", key=f"delete-confirm-{round_}")
+    if not st.button("Delete", icon="🗑️", key="delete-button"):
+        return
+    if not sure:
+        st.warning("Tick the confirmation first: deleting cannot be undone.")
+        return
+    try:
+        result = cleanup.delete_runs(db, [chosen])
+    except StoreError as err:
+        st.error(str(err))
+        return
+    refused = "; ".join(f"{e['path']} {e['reason']}" for e in result["refused"])
+    files = sum(e["bytes"] for e in result["removed"] if e.get("path"))
+    st.session_state["store-notice"] = (
+        f"Deleted run {chosen}: {cleanup.human_bytes(result['bytes'])} freed ({result['bytes']} bytes: its folder "
+        f"{cleanup.human_bytes(files)}, its database rows {cleanup.human_bytes(result['bytes'] - files)}, reused by "
+        f"the database and returned to the disk by `gc`); the store now holds {result['after']['runs']} runs, "
+        f"{cleanup.human_bytes(result['after']['total_bytes'])} on disk."
+        + (f" Not removed: {refused}." if refused else ""))
+    st.session_state["delete-round"] = round_ + 1
+    st.rerun()
+
+
+with st.expander("Manage the store", icon="🗄️", expanded="store-notice" in st.session_state):
+    manage_store(rows)

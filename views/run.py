@@ -69,6 +69,11 @@ def form() -> RunSpec | None:
         submitted = st.form_submit_button("Prune and evaluate", type="primary")
     if not submitted:
         return None
+    if use_judge and judge_url.strip() and not service.judge_endpoint_is_configured(judge_url):
+        st.error(f"The server's API key is only ever sent to its configured judge endpoint "
+                 f"({service.configured_judge_endpoint()}), not to {judge_url.strip()}. Leave the endpoint empty, or "
+                 f"judge there from the command line with that endpoint's own OPENAI_BASE_URL and OPENAI_API_KEY.")
+        return None
     evaluation = EvalSettings(ppl=ppl, ppl_seqlen=int(ppl_seqlen), ppl_windows=int(ppl_windows), jsd=jsd,
                               tasks=tasks, limit=int(limit), max_new_tokens=int(max_new_tokens),
                               judge_model=judge_model.strip() if use_judge else None,
@@ -101,6 +106,11 @@ def show_summary(detail: dict) -> None:
     if summary and "flips_lost" in summary:
         st.caption(f"Answers right under dense and wrong pruned: {summary['flips_lost']}; the reverse: "
                    f"{summary['flips_gained']}.")
+    origin = row.get("provenance") or {}
+    if origin:
+        st.caption(f"Provenance: {origin.get('device_type')} · {origin.get('dtype')} · PruneScope {origin.get('code')} · "
+                   f"torch {origin.get('torch')} · transformers {origin.get('transformers')}"
+                   + (" · **made by other code than this dashboard's**" if row.get("other_code") else ""))
     links = st.columns(3)
     params = {"run": row["run_id"]}
     links[0].page_link("views/compare.py", label="Compare with other runs", icon="📈")

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Sequence
 
-from backend.cli import prune, runs
+from backend.cli import cleanup, prune, runs
 from backend.cli.arguments import (
     add_calibration_arguments,
     add_eval_arguments,
@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "matrix's reconstruction error (default 256)")
     prune.add_argument("--offload", action="store_true", help="keep the model on the CPU and move one layer at a "
                                                               "time to --device")
-    prune.add_argument("--save", required=True, help="folder to write the pruned Hugging Face model into")
+    prune.add_argument("--save", required=True, help="folder to write the pruned Hugging Face model into (new or "
+                                                     "empty; see --overwrite)")
+    prune.add_argument("--overwrite", action="store_true", help="replace a folder PruneScope saved before (any other "
+                                                                "non-empty folder is always refused)")
     common(prune)
 
     ppl = sub.add_parser("ppl", help="perplexity with the SparseGPT/Wanda protocol")
@@ -93,7 +96,9 @@ def add_run_parsers(sub) -> None:
     show.add_argument("run", help="run id (or its first characters)")
     export = sub.add_parser("export", help="a run's pruned model folder, metrics.json, layers.csv and records.jsonl")
     export.add_argument("run", help="run id (or its first characters)")
-    export.add_argument("--to", required=True, help="folder to write into")
+    export.add_argument("--to", required=True, help="folder to write into (other files in it are left alone)")
+    export.add_argument("--overwrite", action="store_true", help="replace a model/, metrics.json, layers.csv and "
+                                                                 "records.jsonl PruneScope exported there before")
     report = sub.add_parser("report", help="one self-contained HTML page comparing the runs")
     report.add_argument("--out", required=True, help="the .html file to write")
     worker = sub.add_parser("worker", help="run queued jobs (started on demand by run, sweep and the dashboard)")
@@ -104,6 +109,20 @@ def add_run_parsers(sub) -> None:
     for parser in (run, sweep, listing, show, export, report, worker, cancel):
         add_store_argument(parser)
     for parser in (run, sweep, listing, show, export, report, cancel):
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    delete = sub.add_parser("delete", help="delete runs: their rows in the store and their run folders")
+    delete.add_argument("runs", nargs="+", metavar="RUN", help="run id (or its first characters)")
+    gc = sub.add_parser("gc", help="free space: old pruned models, dense results, leftover temporary folders")
+    gc.add_argument("--keep-models", type=int, metavar="N", help="keep the N most recently written pruned models, "
+                    "remove the others (their runs' metrics stay; export prunes again)")
+    gc.add_argument("--older-than", type=float, metavar="DAYS", help="remove pruned models and cached dense "
+                    "results older than DAYS (with --keep-models: only those both select)")
+    gc.add_argument("--unused-dense", action="store_true", help="also remove every cached dense result no run "
+                    "in the store uses")
+    gc.add_argument("--no-vacuum", action="store_true", help="do not compact the database file afterwards")
+    for parser in (delete, gc):
+        parser.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
+        add_store_argument(parser)
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -119,6 +138,8 @@ COMMANDS = {
     "report": (runs.cmd_report, lambda r: print(f"wrote {r['out']} ({r['done']} finished runs of {r['runs']})")),
     "worker": (runs.cmd_worker, lambda r: print(f"worker ran {r['jobs']} job(s)")),
     "cancel": (runs.cmd_cancel, lambda r: print(f"run {r['run_id']}: {r['state']}")),
+    "delete": (cleanup.cmd_delete, cleanup.print_cleanup),
+    "gc": (cleanup.cmd_gc, cleanup.print_cleanup),
 }
 
 

@@ -15,8 +15,10 @@ from backend.log import stderr_log
 def cmd_prune(args: argparse.Namespace) -> dict:
     """Prune with progress on stderr, save the folder, and return the spec, the stages and the per-matrix report."""
     from backend import api
+    from backend.runs.export import check_target
     from compression.report import peak_rss_mb
 
+    check_target(args.save, args.overwrite)  # refused before minutes of pruning, not after
     started = time.perf_counter()
     bar = progress_bar(0, f"{args.method} {args.sparsity:g}", unit="layer")
 
@@ -36,7 +38,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
                            trust_remote_code=args.trust_remote_code, progress=on_progress)
     finally:
         bar.close()
-    save_path = pruned.save(args.save)
+    save_path = pruned.save(args.save, overwrite=args.overwrite)
     report = pruned.report
     return {"spec": pruned.spec, "seconds": time.perf_counter() - started, "stages": pruned.stages,
             "peak_rss_mb": peak_rss_mb(), "peak_device_mb": report.peak_device_mb, "save_path": str(save_path),

@@ -84,12 +84,13 @@ def print_ppl(result: dict) -> None:
 
 def print_runs(rows: list[dict]) -> None:
     print(f"{'run_id':<17}{'model':<14}{'method':<10}{'sparsity':>9}{'pattern':>13} {'calibration':<12}"
-          f"{'state':<12}{'progress':<22}{'pid':>7}{'ppl d/p':>16}{'JS':>7}{'F1 d/p':>13}")
+          f"{'state':<12}{'progress':<22}{'pid':>7}{'ppl d/p':>16}{'JS':>7}{'F1 d/p':>13}  code")
     for r in rows:
         print(f"{r['run_id']:<17}{Path(r['model']).name[:13]:<14}{r['method']:<10}{r['sparsity']:>9.2f}"
               f"{r['pattern']:>13} {Path(r['calibration']).name[:11]:<12}{r['state']:<12}{progress_text(r)[:21]:<22}"
               f"{r['worker_pid'] or '-':>7}{fmt(r['dense_ppl'], '.2f') + '/' + fmt(r['pruned_ppl'], '.2f'):>16}"
-              f"{fmt(r['jsd']):>7}{fmt(r['dense_f1']) + '/' + fmt(r['pruned_f1']):>13}")
+              f"{fmt(r['jsd']):>7}{fmt(r['dense_f1']) + '/' + fmt(r['pruned_f1']):>13}  "
+              f"{'other: ' + str(r['code']) if r.get('other_code') else 'current'}")
 
 
 def print_outcome(result: dict) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,7 +49,8 @@ def outcome(store: Store, rid: str, cached: bool = False) -> dict:
     metrics = store.metrics(rid)
     return {"run_id": rid, "state": row["state"], "cached": cached, "message": row["message"],
             "spec": store.spec(rid).to_dict(), **(metrics["summary"] if metrics else {}),
-            "overall_sparsity": row["overall_sparsity"]}
+            "overall_sparsity": row["overall_sparsity"], "provenance": row["provenance"],
+            "other_code": row["other_code"]}
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
@@ -92,12 +95,39 @@ def cmd_show(args: argparse.Namespace) -> dict:
             "layers": store.layers(rid), "artifact": str(store.run_folder(rid) / MODEL_ARTIFACT)}
 
 
+EXPORT_FILES = ("metrics.json", "layers.csv", "records.jsonl")
+
+
+def check_export(to: str, overwrite: bool) -> tuple[Path, Path]:
+    """The export folder and its model/ folder, checked before any work: model/ must be new, empty or (with
+    --overwrite) one PruneScope wrote; the three files are replaced only with --overwrite. Other files in the
+    folder are left alone."""
+    from backend.runs.export import check_target
+
+    target = Path(to).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file, not a folder: give a folder to export into")
+    model_dir = check_target(target / MODEL_ARTIFACT, overwrite)
+    existing = [name for name in EXPORT_FILES if os.path.lexists(target / name)]
+    for name in existing:
+        if (target / name).is_dir() or (target / name).is_symlink():
+            raise ValueError(f"{target / name} is not a plain file: pick another folder to export into")
+    if existing and not overwrite:
+        raise ValueError(f"{target} already holds {', '.join(existing)}: add --overwrite to replace them, or pick "
+                         f"another folder")
+    return target, model_dir
+
+
 def cmd_export(args: argparse.Namespace) -> dict:
-    """Copy out a finished run; a pruned model found missing or damaged is rebuilt first."""
+    """Copy out a finished run; a pruned model found missing or damaged is rebuilt first. Nothing already in the
+    folder is removed: model/ is swapped in atomically and the three files are each replaced atomically."""
+    from backend.runs.export import write_folder, write_text
+
     store = Store(args.store)
     rid = store.find(args.run)
     if store.metrics(rid) is None:
         raise StoreError(f"run {rid} has no results yet (state: {outcome(store, rid)['state']})")
+    target, model_dir = check_export(args.to, args.overwrite)
     if not intact(store, rid, full=True):
         print(f"run {rid}: the pruned model is missing or damaged; rebuilding it", file=sys.stderr)
         spec = store.spec(rid)
@@ -107,27 +137,26 @@ def cmd_export(args: argparse.Namespace) -> dict:
         wait(store, [rid])
         if not intact(store, rid, full=True):
             raise RunFailed(f"run {rid}: rebuilding the pruned model failed: {store.latest_job(rid)['message']}")
-    target = Path(args.to).expanduser()
-    target.mkdir(parents=True, exist_ok=True)
     artifact = store.artifact(rid, MODEL_ARTIFACT)
-    model_dir = target / "model"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    shutil.copytree(artifact["path"], model_dir)
-    copied = problems(model_dir, artifact["files"], full=True)
-    if copied:
-        raise RunFailed(f"copy to {model_dir} is damaged: {'; '.join(copied)}")
-    (target / "metrics.json").write_text(json.dumps({**outcome(store, rid), **(store.metrics(rid) or {})}, indent=1))
+
+    def copy_model(tmp: Path) -> None:
+        shutil.copytree(artifact["path"], tmp, dirs_exist_ok=True)
+        copied = problems(tmp, artifact["files"], full=True)
+        if copied:
+            raise RunFailed(f"copy to {model_dir} is damaged: {'; '.join(copied)}")
+
+    write_folder(model_dir, copy_model, overwrite=args.overwrite,
+                 needed_bytes=sum(f["bytes"] for f in artifact["files"].values()))
+    write_text(target / "metrics.json", json.dumps({**outcome(store, rid), **(store.metrics(rid) or {})}, indent=1))
     layers = store.layers(rid)
-    with open(target / "layers.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[k for k in (layers[0] if layers else {}) if k != "run_id"],
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(layers)
-    with open(target / "records.jsonl", "w", encoding="utf-8") as handle:
-        for example in store.examples(rid):
-            handle.write(json.dumps(example) + "\n")
-    return {"run_id": rid, "to": str(target), "files": sorted(p.name for p in target.iterdir())}
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=[k for k in (layers[0] if layers else {}) if k != "run_id"],
+                            extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(layers)
+    write_text(target / "layers.csv", table.getvalue())
+    write_text(target / "records.jsonl", "".join(json.dumps(example) + "\n" for example in store.examples(rid)))
+    return {"run_id": rid, "to": str(target), "files": sorted((MODEL_ARTIFACT, *EXPORT_FILES))}
 
 
 def cmd_report(args: argparse.Namespace) -> dict:

@@ -17,7 +17,7 @@ from backend.reports import charts
 MAX_LAYER_RUNS = 4
 TABLE_COLUMNS = ("run_id", "model", "method", "sparsity", "pattern", "calibration", "nsamples", "seqlen", "seed",
                  "state", "overall_sparsity", "dense_ppl", "pruned_ppl", "ppl_ratio", "jsd", "kl_dense_pruned",
-                 "kl_pruned_dense", "flip_rate")
+                 "kl_pruned_dense", "flip_rate", "code")
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem; color: #222; }
 h1 { margin-bottom: 0.2rem; } .meta { color: #666; margin-top: 0; }
@@ -40,7 +40,7 @@ def report_task(df: pd.DataFrame) -> str:
 def runs_table(df: pd.DataFrame, task: str) -> str:
     """The runs as an escaped HTML table: settings, the key metrics and the task scores."""
     columns = [*TABLE_COLUMNS, f"dense_{task}", f"pruned_{task}", f"{task}_change", f"{task}_relative"]
-    table = df[columns].sort_values(["model", "method", "calibration", "sparsity"], na_position="last")
+    table = df.reindex(columns=columns).sort_values(["model", "method", "calibration", "sparsity"], na_position="last")
     return table.to_html(index=False, escape=True, na_rep=charts.MISSING, classes="runs", border=0,
                          float_format=lambda v: f"{v:.4g}")
 

@@ -78,6 +78,19 @@ class ModelCache:
         return models.load(spec.model, self.device, spec.dtype, log=self.log)
 
 
+def check_provenance(expected: dict | None, lm) -> None:
+    """The run's id promises a device type and dtype: a worker that would compute it otherwise refuses, so a result
+    is never filed under another experiment's id."""
+    if not expected:
+        return
+    actual = {"device_type": lm.device.type, "dtype": str(lm.dtype).removeprefix("torch.")}
+    wrong = {k: (expected[k], v) for k, v in actual.items() if expected.get(k) != v}
+    if wrong:
+        said = ", ".join(f"{k} {want} was asked for but this worker computes in {got}" for k, (want, got) in wrong.items())
+        raise RuntimeError(f"{said}: submit the run again with --device/--dtype set to what this worker uses, or "
+                           f"start the worker on the device the run asks for")
+
+
 def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -> None:
     """Run a queued job to the end; raises Cancelled or the error that stopped it."""
     run_id, report = job["run_id"], Reporter(store, job["job_id"])
@@ -85,6 +98,7 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
     data_dir = job.get("data_dir")
     report("loading model", message=f"loading {spec.model}")
     dense = cache.get(spec)
+    check_provenance(prints.get("provenance"), dense)
     report("calibration", 0, spec.nsamples, message=f"{spec.calibration}: {spec.nsamples} x {spec.seqlen} tokens")
     source = open_source(spec.calibration, data_dir)
     calibration = build_calibration(source, dense.model, dense.tokenizer, spec.nsamples, spec.seqlen, spec.seed,
@@ -104,7 +118,8 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
     layers = prune.pop("layers")
     report("saving", message="writing the pruned model")
     folder = save_pruned(working.model, working.tokenizer, store.run_folder(run_id) / MODEL_ARTIFACT,
-                         {"run_id": run_id, "spec": spec.to_dict(), "report": pruned.to_dict()})
+                         {"run_id": run_id, "spec": spec.to_dict(), "report": pruned.to_dict()}, overwrite=True,
+                         owned=True)
     store.save_artifact(run_id, MODEL_ARTIFACT, folder, describe(folder))
     if job["kind"] == "rebuild":
         store.save_layers(run_id, layers)

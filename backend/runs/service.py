@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from backend.runs.artifacts import intact
-from backend.runs.spec import DEFAULT_MODEL, RunSpec, SpecError, fingerprints, run_id
+from backend.runs.spec import RunSpec, SpecError, fingerprints, run_id
 from backend.runs.store import ACTIVE, Store
 from backend.runs.worker import ensure_worker
 from backend.sources.datasets import (
@@ -32,10 +32,7 @@ def submit(store: Store, spec: RunSpec, data_dir: str | None = None, device: str
     spec = spec.normalised()
     if spec.evaluation.judge_model and not os.environ.get("OPENAI_API_KEY"):
         raise SpecError("judge_model needs an API key: set OPENAI_API_KEY (it is never written anywhere)")
-    prints = fingerprints(spec, data_dir)
-    if prints["model"].endswith("@unknown") and not hub_reachable():
-        raise SpecError(f"model {spec.model!r} is not in the local Hugging Face cache and the hub is unreachable: "
-                        f"give {DEFAULT_MODEL} or a local folder")
+    prints = fingerprints(spec, data_dir, device)
     rid = run_id(spec, prints)
     submission = store.submit(spec, prints, rid, artifacts_ok=intact(store, rid), data_dir=data_dir)
     if start_worker and not submission.cached:
@@ -89,3 +86,15 @@ def wait(store: Store, run_ids: list[str], on_update: Callable[[str, dict | None
                 pending.discard(rid)
         if pending:
             time.sleep(poll_s)
+
+
+def configured_judge_endpoint() -> str:
+    """The judge endpoint the server's key belongs to (OPENAI_BASE_URL or OpenAI's), without the key."""
+    from metrics.judge import configured_endpoint, public_url
+    return public_url(configured_endpoint())
+
+
+def judge_endpoint_is_configured(url: str) -> bool:
+    """Whether a typed judge endpoint is the one the server's key belongs to."""
+    from metrics.judge import configured_endpoint, same_endpoint
+    return same_endpoint(url, configured_endpoint())

@@ -8,7 +8,12 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from backend.runs.identity import data_fingerprint, model_fingerprint
+from backend.runs.identity import (
+    IdentityError,
+    data_fingerprint,
+    model_fingerprint,
+    provenance,
+)
 from backend.sources.names import DEFAULT_MODEL, DTYPE_NAMES, model_problem
 from compression.methods import METHOD_NAMES as METHODS
 from compression.orders import ORDERS
@@ -55,9 +60,6 @@ class EvalSettings:
         """The data sources this evaluation reads."""
         return [s for s in (self.ppl, self.jsd, self.tasks) if s]
 
-    def dense_key(self) -> dict:
-        """The settings the dense side's results depend on (the batch size does not change greedy answers)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("batch_size",)}
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,13 @@ class RunSpec:
         calibration = self.calibration.strip()
         if Path(calibration).expanduser().is_file():
             calibration = str(Path(calibration).expanduser().resolve())
+        evaluation = self.evaluation
+        if evaluation.judge_model:
+            from metrics.judge import configured_endpoint, public_url
+            evaluation = replace(evaluation, judge_base_url=public_url(evaluation.judge_base_url or configured_endpoint()))
         return replace(self, method=self.method.strip().lower(), model=model, calibration=calibration,
-                       pattern=str(parse_pattern(self.pattern.strip())), sparsity=round(float(self.sparsity), 6))
+                       pattern=str(parse_pattern(self.pattern.strip())), sparsity=round(float(self.sparsity), 6),
+                       evaluation=evaluation)
 
     def check(self) -> None:
         """Raise SpecError naming the first bad field."""
@@ -151,11 +158,17 @@ class RunSpec:
                 f"{self.nsamples}x{self.seqlen}")
 
 
-def fingerprints(spec: RunSpec, data_dir: str | None = None) -> dict:
-    """What the results depend on beyond the spec's words: the model's files and the data's contents."""
+def fingerprints(spec: RunSpec, data_dir: str | None = None, device: str = "auto") -> dict:
+    """What the results depend on beyond the spec's words: the model's files (weights, config, tokenizer, chat
+    template, generation config), the data's contents, and the provenance (device type, resolved dtype, code and
+    library versions) of a worker started with `device`."""
     sources = {spec.calibration, *spec.evaluation.sources()}
-    return {"model": model_fingerprint(spec.model),
-            "data": {s: data_fingerprint(s, data_dir) for s in sorted(sources)}}
+    try:
+        model = model_fingerprint(spec.model)
+    except IdentityError as err:
+        raise SpecError(str(err)) from None
+    return {"model": model, "data": {s: data_fingerprint(s, data_dir) for s in sorted(sources)},
+            "provenance": provenance(device, spec.dtype)}
 
 
 def run_id(spec: RunSpec, prints: dict) -> str:
@@ -165,8 +178,10 @@ def run_id(spec: RunSpec, prints: dict) -> str:
 
 
 def dense_key(spec: RunSpec, prints: dict) -> str:
-    """Identifies the dense side of an evaluation: one model, one dtype, one evaluation setting, the same data."""
+    """Identifies the dense side of an evaluation: one model, one evaluation setting (the batch size included: left
+    padding in half precision changes greedy answers), the same data, the same provenance."""
     data = {s: prints["data"].get(s) for s in spec.evaluation.sources()}
     canonical = json.dumps({"model": spec.model, "model_fp": prints["model"], "dtype": spec.dtype,
-                            "evaluation": spec.evaluation.dense_key(), "data": data}, sort_keys=True, default=str)
+                            "evaluation": asdict(spec.evaluation), "data": data,
+                            "provenance": prints.get("provenance")}, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

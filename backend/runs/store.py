@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from backend.runs.identity import code_version
+from backend.runs.lock import UNKNOWN, lock_holder
 from backend.runs.schema import SCHEMA_VERSION, StoreError, migrate
 from backend.runs.spec import RunSpec
 
@@ -21,7 +23,6 @@ DB_NAME = "prunescope.db"
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "interrupted", "cancelled")
 STATES = ACTIVE + FINAL
-STALE_HEARTBEAT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -41,23 +42,6 @@ def default_root() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "prunescope" / "store"
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Whether a process with this pid exists (a zombie counts as gone)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class Store:
@@ -140,12 +124,16 @@ class Store:
             row = db.execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
-    def finish(self, job_id: int, state: str, message: str | None = None) -> None:
+    def finish(self, job_id: int, state: str, message: str | None = None, worker_pid: int | None = None) -> bool:
+        """End a job that is still running under `worker_pid`; False (and nothing written) when it is not, so a
+        job can end only once and only by its own worker."""
         if state not in FINAL:
             raise ValueError(f"state {state!r} is not final: use one of {', '.join(FINAL)}")
         with self.write() as db:
-            db.execute("UPDATE jobs SET state = ?, message = COALESCE(?, message), finished_at = ?, heartbeat = ? "
-                       "WHERE job_id = ?", (state, message, time.time(), time.time(), job_id))
+            cursor = db.execute("UPDATE jobs SET state = ?, message = COALESCE(?, message), finished_at = ?, "
+                                "heartbeat = ? WHERE job_id = ? AND state = 'running' AND worker_pid IS ?",
+                                (state, message, time.time(), time.time(), job_id, worker_pid))
+        return cursor.rowcount == 1
 
     def cancel(self, run_id: str) -> str | None:
         """Cancel a queued job at once; ask a running one to stop. Returns the job's state, None when idle."""
@@ -161,12 +149,17 @@ class Store:
             db.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job["job_id"],))
             return "cancelling"
 
-    def recover_stale(self, stale_after: float = STALE_HEARTBEAT_S) -> list[int]:
-        """Running jobs whose worker is gone (no such pid, or no heartbeat for a while) become 'interrupted'."""
-        rows = self.db.execute("SELECT job_id, worker_pid, heartbeat FROM jobs WHERE state = 'running'").fetchall()
+    def recover_stale(self) -> list[int]:
+        """Running jobs whose worker is gone become 'interrupted'. Gone means: no live process holds the store's
+        worker lock, or the process that holds it is another worker (it took the lock after the job's worker
+        died). A slow job whose worker holds the lock is alive however old its heartbeat is."""
+        rows = self.db.execute("SELECT job_id, worker_pid FROM jobs WHERE state = 'running'").fetchall()
+        if not rows:
+            return []
+        holder = lock_holder(self.root)
         now = time.time()
         lost = [r["job_id"] for r in rows
-                if not pid_alive(r["worker_pid"]) or (r["heartbeat"] or 0) < now - stale_after]
+                if holder is None or (holder != UNKNOWN and r["worker_pid"] != holder)]
         if lost:
             with self.write() as db:
                 for job_id in lost:
@@ -260,22 +253,25 @@ class Store:
     def runs(self) -> list[dict]:
         """One flat row per run, newest first: the spec, the latest job's state and progress, and key metrics."""
         rows = self.db.execute("""
-            SELECT r.run_id, r.spec, r.created_at, m.summary, m.prune,
+            SELECT r.run_id, r.spec, r.fingerprints, r.created_at, m.summary, m.prune,
                    j.state, j.stage, j.done, j.total, j.message, j.worker_pid, j.heartbeat, j.started_at,
                    j.finished_at, j.kind, j.stage_started_at
             FROM runs r
             LEFT JOIN metrics m ON m.run_id = r.run_id
             LEFT JOIN jobs j ON j.job_id = (SELECT MAX(job_id) FROM jobs WHERE run_id = r.run_id)
             ORDER BY r.created_at DESC""").fetchall()
-        return [run_record(r) for r in rows]
+        current = code_version()
+        return [run_record(r, current) for r in rows]
 
     def integrity(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]
 
 
-def run_record(row: sqlite3.Row) -> dict:
-    """A run as one dict of plain values, the shape charts and tables take."""
+def run_record(row: sqlite3.Row, current_code: str) -> dict:
+    """A run as one dict of plain values, the shape charts and tables take; `other_code` marks a run made by
+    another version of PruneScope (or with its provenance unknown), which a new submission computes again."""
     spec = json.loads(row["spec"])
+    origin = json.loads(row["fingerprints"]).get("provenance") or {}
     summary = json.loads(row["summary"]) if row["summary"] else {}
     prune = json.loads(row["prune"]) if row["prune"] else {}
     state = row["state"] or ("done" if summary else "new")
@@ -290,7 +286,8 @@ def run_record(row: sqlite3.Row) -> dict:
            "overall_sparsity": prune.get("overall_sparsity"),
            "jsd": summary.get("jsd"), "kl_dense_pruned": summary.get("kl_dense_pruned"),
            "kl_pruned_dense": summary.get("kl_pruned_dense"), "flip_rate": summary.get("flip_rate"),
-           "answer_jsd": summary.get("answer_jsd")}
+           "answer_jsd": summary.get("answer_jsd"), "provenance": origin, "code": origin.get("code"),
+           "other_code": origin.get("code") != current_code}
     for side in ("dense", "pruned"):
         metrics = summary.get(side, {})
         for key in ("ppl", "em", "f1", "rouge1"):

@@ -3,7 +3,6 @@ a heartbeat, and exits after a while with nothing to do. Starting it (`ensure_wo
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import sqlite3
@@ -15,44 +14,25 @@ import traceback
 from pathlib import Path
 
 from backend.log import Log
+from backend.runs.lock import UNKNOWN, lock_holder, try_lock
 from backend.runs.store import DB_NAME, Store
 
-LOCK_NAME = "worker.lock"
 LOG_NAME = "worker.log"
 LOG_KEEP_BYTES = 10 << 20
 HEARTBEAT_S = 2.0
 
 
-def try_lock(root: Path):
-    """The worker lock of a store, or None when another worker holds it. Held until the file is closed."""
-    handle = open(root / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
-
-
 def worker_running(root: Path) -> bool:
-    handle = try_lock(root)
-    if handle is None:
-        return True
-    handle.close()
-    return False
+    """Whether a live worker serves this store."""
+    return lock_holder(root) is not None
 
 
 def stop_worker(root: Path) -> int | None:
     """SIGTERM the worker serving this store, if one holds its lock; returns its pid. A job it was running is
     found interrupted later, like any other stop."""
-    lock = Path(root) / LOCK_NAME
-    if not worker_running(Path(root)) or not lock.read_text().strip():
+    pid = lock_holder(Path(root))
+    if pid in (None, UNKNOWN):
         return None
-    pid = int(lock.read_text())
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -105,14 +85,14 @@ def serve(root: Path, device: str = "auto", idle_exit: float = 60.0, log: Log | 
     log = log or say
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    lock = try_lock(root)
+    lock = try_lock(root, attempts=10)
     if lock is None:
         log("another worker already serves this store; exiting")
         return 0
     from backend.runs.jobs import Cancelled, ModelCache, execute
 
     store = Store(root)
-    lost = store.recover_stale(stale_after=0.0)
+    lost = store.recover_stale()
     if lost:
         log(f"jobs {lost} were left running by a worker that stopped: marked interrupted")
     cache = ModelCache(device=device, log=log)
@@ -131,15 +111,18 @@ def serve(root: Path, device: str = "auto", idle_exit: float = 60.0, log: Log | 
             beat.start()
             try:
                 execute(store, job, cache, log)
-                store.finish(job["job_id"], "done", "done")
+                outcome = ("done", "done")
             except Cancelled as stop:
-                store.finish(job["job_id"], "cancelled", str(stop))
+                outcome = ("cancelled", str(stop))
                 log(str(stop))
             except Exception as err:  # noqa: BLE001  (a job's error is recorded and the worker goes on)
-                store.finish(job["job_id"], "failed", f"{type(err).__name__}: {err}")
+                outcome = ("failed", f"{type(err).__name__}: {err}")
                 log(traceback.format_exc())
             finally:
                 beat.stop()
+            if not store.finish(job["job_id"], *outcome, worker_pid=os.getpid()):
+                log(f"job {job['job_id']} was no longer running under this worker: its end ({outcome[0]}) "
+                    f"is not recorded")
             ran += 1
             idle_since = time.monotonic()
     finally:

@@ -210,10 +210,17 @@ def test_missing_key_is_a_clear_error(monkeypatch, server):
     assert server.requests == []
 
 
-def test_key_from_environment(monkeypatch, server):
+def test_key_from_environment_goes_only_to_the_configured_endpoint(monkeypatch, server):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/")
     result = judge([example()], JudgeConfig(model="judge-test", base_url=server.url))
     assert result.judged == 1 and server.requests[0]["headers"]["authorization"] == f"Bearer {KEY}"
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://api.openai.com/v1")
+    with pytest.raises(ValueError, match="OPENAI_API_KEY is sent only to the configured endpoint https://api.openai"):
+        judge([example()], JudgeConfig(model="judge-test", base_url=server.url))
+    assert len(server.requests) == 1
+    result = judge([example()], JudgeConfig(model="judge-test", base_url=server.url, api_key="OTHER-KEY"))
+    assert result.judged == 1 and server.requests[-1]["headers"]["authorization"] == "Bearer OTHER-KEY"
 
 
 @pytest.mark.parametrize("text", [

@@ -84,6 +84,21 @@ def test_the_run_page_reports_a_bad_spec_naming_the_value(monkeypatch, tmp_path,
     assert Store(tmp_path).runs() == []
 
 
+def test_the_server_key_is_never_sent_to_an_endpoint_typed_in_the_form(monkeypatch, tmp_path, tiny_folder):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-server-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://judge.example.org/v1")
+    at = app(monkeypatch, tmp_path)
+    at.switch_page("views/run.py").run()
+    fill_form(at, str(tiny_folder), seed=0)
+    at.toggle[0].set_value(True)
+    next(w for w in at.text_input if w.label.startswith("Judge endpoint")).set_value("https://elsewhere.example.com/v1")
+    at = submit(at)
+    assert not at.exception
+    assert any("only ever sent to its configured judge endpoint (https://judge.example.org/v1)" in e.value
+               and "elsewhere.example.com" in e.value for e in at.error)
+    assert Store(tmp_path).runs() == []
+
+
 def test_a_new_run_from_the_page_is_queued_polled_and_finishes(monkeypatch, tmp_path, tiny_folder):
     at = app(monkeypatch, tmp_path)
     at.switch_page("views/run.py").run()

@@ -1,8 +1,11 @@
-"""The Compare, Layers and Generations pages over a real store (AppTest, no mocks), and their pure helpers."""
+"""The Compare, Layers and Generations pages over a real store (AppTest, no mocks), and their pure helpers; Home's
+store size and its run deletion."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from backend.runs.cleanup import human_bytes, store_size
 from backend.runs.store import Store
 from tests.conftest import ROOT
 from views.common import (
@@ -198,3 +202,59 @@ def test_example_filters_and_selection():
     assert selected_run({"selection": {"points": [{"customdata": ["r9"]}]}}, fig) == "r9"
     assert selected_run({"selection": {"points": [{"curve_number": 1, "point_index": 1}]}}, fig) == "r3"
     assert selected_run({"selection": {"points": []}}, fig) is None
+
+
+def copied_store(source: Path, target: Path) -> Path:
+    """A copy of a store (not its lock) whose artifact rows point into the copy, as its worker would write them."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.lock"))
+    db = Store(target)
+    with db.write() as conn:
+        for row in conn.execute("SELECT run_id, name FROM artifacts").fetchall():
+            conn.execute("UPDATE artifacts SET path = ? WHERE run_id = ? AND name = ?",
+                         (str((target / "runs" / row["run_id"] / row["name"]).resolve()), row["run_id"], row["name"]))
+    db.close()
+    return target
+
+
+def test_home_shows_the_store_size_and_deletes_a_run(monkeypatch, filled_store, tmp_path):
+    root = copied_store(filled_store, tmp_path / "store")
+    db = Store(root)
+    size, ids = store_size(db), [r["run_id"] for r in db.runs()]
+    at = open_page(monkeypatch, root, "views/home.py")
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Runs in the store"] == "4" and metrics["On disk"] == human_bytes(size["total_bytes"])
+    assert any(f"4 runs, {size['total_bytes'] / 1e6:.1f} MB on disk" in c.value for c in at.caption)
+    assert at.expander and at.expander[0].label == "Manage the store"
+
+    # without the confirmation tick nothing goes
+    gone, busy = ids[1], ids[2]
+    at.selectbox(key="delete-run").set_value(gone)
+    at.button(key="delete-button").click().run()
+    assert at.warning and "Tick the confirmation" in at.warning[0].value
+    assert len(db.runs()) == 4
+
+    at.checkbox(key="delete-confirm-0").check()
+    at.button(key="delete-button").click().run()
+    assert not at.exception, at.exception
+    assert at.success and f"Deleted run {gone}" in at.success[0].value and "freed" in at.success[0].value
+    assert [r["run_id"] for r in db.runs()] == [rid for rid in ids if rid != gone]
+    assert not db.run_folder(gone).exists() and db.integrity() == "ok"
+    assert {m.label: m.value for m in at.metric}["Runs in the store"] == "3"
+    assert not any(option.startswith(gone[:8]) for option in at.selectbox(key="delete-run").options)
+
+    # a running run is refused with the backend's one-line message (this process holds the worker lock and the job)
+    with open(root / "worker.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        db.submit(db.spec(busy), db.fingerprints(busy), busy, artifacts_ok=False)
+        assert db.claim_next(pid=os.getpid())["run_id"] == busy
+        at.selectbox(key="delete-run").set_value(busy)
+        at.checkbox(key="delete-confirm-1").check()
+        at.button(key="delete-button").click().run()
+        assert at.error and "has a running job: cancel it first" in at.error[0].value
+        assert db.latest_job(busy)["state"] == "running"
+        assert busy in {r["run_id"] for r in db.runs()} and db.run_folder(busy).is_dir()
+    db.close()

@@ -9,24 +9,8 @@ import sys
 import pytest
 import torch
 
-from backend.cli.parser import main
 from backend.runs.export import read_sidecar
-from tests.conftest import ROOT, SHARED_DATA, needs_shared
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(args)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+from tests.conftest import ROOT, SHARED_DATA, error_line, needs_shared, run_cli
 
 
 @pytest.mark.parametrize("extra,expected", [

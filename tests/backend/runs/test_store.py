@@ -100,13 +100,15 @@ def test_a_finished_run_is_served_from_the_store_and_a_failed_one_is_queued_agai
     first = store.submit(spec, prints, rid)
     job = store.claim_next(pid=12345)
     assert job["job_id"] == first.job_id and store.claim_next(pid=12345) is None
-    store.finish(job["job_id"], "failed", "ValueError: boom")
+    assert not store.finish(job["job_id"], "failed", "ValueError: boom", worker_pid=999)
+    assert store.finish(job["job_id"], "failed", "ValueError: boom", worker_pid=12345)
+    assert not store.finish(job["job_id"], "done", worker_pid=12345)
     second = store.submit(spec, prints, rid)
     assert second.job_id != first.job_id and second.state == "queued"
     job = store.claim_next(pid=12345)
     store.save_results(rid, {"overall_sparsity": 0.5}, [], {"dense": {"ppl": 3.0}, "pruned": {"ppl": 4.0},
                                                           "jsd": 0.1}, [{"id": "jsd-0", "kind": "divergence"}])
-    store.finish(job["job_id"], "done")
+    assert store.finish(job["job_id"], "done", worker_pid=12345)
     third = store.submit(spec, prints, rid)
     assert third.cached and third.state == "done"
     assert store.submit(spec, prints, rid, artifacts_ok=False).state == "queued"

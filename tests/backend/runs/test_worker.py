@@ -104,6 +104,31 @@ def test_kill_9_mid_job_leaves_the_store_intact_and_a_second_submission_complete
         == ["interrupted", "done"]
 
 
+def test_a_busy_job_is_never_declared_dead_by_a_stale_heartbeat_and_ends_exactly_once(store, first, tiny_folder):
+    """The worker is frozen mid-job (SIGSTOP: no progress, no heartbeat, as in a long compute loop or another PID
+    namespace) and its last heartbeat is made decades old; four processes submitting the same run meanwhile must
+    find the job alive (its worker holds the store's lock), queue nothing, and the job must end once, done."""
+    args = run_args(tiny_folder, "sparsegpt", "--nsamples", "16", "--seed", "3")
+    rid = cli(store, *args, "--detach")["run_id"]
+    db = Store(store)
+    job = wait_for(lambda: (j := db.latest_job(rid)) and j["state"] == "running"
+                   and j["stage"] not in (None, "starting", "loading model") and j)
+    os.kill(job["worker_pid"], signal.SIGSTOP)
+    try:
+        with db.write() as w:
+            w.execute("UPDATE jobs SET heartbeat = 1 WHERE job_id = ?", (job["job_id"],))
+        submitters = [subprocess.Popen([sys.executable, "-m", "backend", *args, "--detach", "--store", str(store),
+                                        "--json"], cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        answers = [json.loads(p.communicate(timeout=120)[0]) for p in submitters]
+        assert {(a["run_id"], a["job_id"], a["state"]) for a in answers} == {(rid, job["job_id"], "running")}
+        assert cli(store, "list")["runs"][0]["state"] == "running"
+    finally:
+        os.kill(job["worker_pid"], signal.SIGCONT)
+    assert cli(store, *args)["state"] == "done"
+    assert [tuple(r) for r in db.db.execute("SELECT job_id, state FROM jobs WHERE run_id = ?", (rid,))] \
+        == [(job["job_id"], "done")]
+
+
 def test_a_damaged_pruned_model_is_found_and_rebuilt(store, first, tmp_path):
     db = Store(store)
     rid = first["run_id"]

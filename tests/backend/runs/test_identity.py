@@ -1,0 +1,111 @@
+"""A run id means exactly one experiment: it changes with everything that changes results (dtype, device type,
+code, libraries, tokenizer, chat template, generation config) and not with what does not (the order of flags)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from backend.runs.identity import code_version, device_type, provenance
+from backend.runs.spec import EvalSettings, RunSpec, SpecError, fingerprints, run_id
+from backend.runs.store import Store
+from backend.runs.worker import stop_worker
+from tests.conftest import ROOT
+
+EVAL = EvalSettings(ppl="demo-prose", ppl_seqlen=64, ppl_windows=2, jsd=None, tasks=None)
+
+
+def identity(spec: RunSpec, device: str = "auto") -> str:
+    spec = spec.normalised()
+    return run_id(spec, fingerprints(spec, device=device))
+
+
+@pytest.fixture
+def folder(tiny_folder, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_folder, copy)
+    return copy
+
+
+def spec_of(folder, **changes) -> RunSpec:
+    return replace(RunSpec(method="wanda", sparsity=0.5, model=str(folder), calibration="demo-prose", nsamples=4,
+                           seqlen=64, evaluation=EVAL), **changes)
+
+
+def test_the_id_changes_with_dtype_and_device_type(folder):
+    base = identity(spec_of(folder))
+    assert identity(spec_of(folder, dtype="bfloat16")) != base
+    assert identity(spec_of(folder), device="cuda") != base
+    assert identity(spec_of(folder), device="cpu") == base == identity(spec_of(folder))
+    assert provenance("cuda:1", "auto")["dtype"] == "bfloat16" and provenance("cpu")["dtype"] == "float32"
+    assert device_type("cuda:1") == "cuda"
+
+
+@pytest.mark.parametrize("name,change", [
+    ("tokenizer_config.json", lambda d: {**d, "model_max_length": 77}),
+    ("tokenizer_config.json", lambda d: {**d, "chat_template": "{{ messages[0]['content'] }}"}),
+    ("generation_config.json", lambda d: {**d, "eos_token_id": [1, 2]}),
+])
+def test_the_id_changes_with_tokenizer_chat_template_and_generation_config(folder, name, change):
+    before = identity(spec_of(folder))
+    path = folder / name
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(change(data)))
+    assert identity(spec_of(folder)) != before
+
+
+def test_the_id_carries_the_code_and_library_versions():
+    prints = fingerprints(RunSpec(method="wanda", sparsity=0.5, calibration="demo-prose", evaluation=EVAL).normalised())
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert prints["provenance"]["code"] == code_version() and commit[:12] in code_version()
+    from importlib import metadata
+    assert prints["provenance"]["torch"] == metadata.version("torch")
+    assert prints["provenance"]["transformers"] == metadata.version("transformers")
+
+
+def test_the_order_of_cli_flags_does_not_change_the_id(tiny_folder, tmp_path):
+    flags = [["--method", "wanda", "--sparsity", "0.5"], ["--calibration", "demo-prose", "--nsamples", "4"],
+             ["--seqlen", "64", "--model", str(tiny_folder)], ["--ppl", "demo-prose", "--ppl-seqlen", "64"]]
+    ids = []
+    for order in (flags, flags[::-1]):
+        done = subprocess.run([sys.executable, "-m", "backend", "run", *sum(order, []), "--detach", "--store",
+                               str(tmp_path), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        ids.append(json.loads(done.stdout)["run_id"])
+    stop_worker(tmp_path)
+    assert ids[0] == ids[1]
+
+
+def test_a_hub_model_with_no_known_commit_is_refused_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(SpecError, match="'org/never-downloaded' is not in the local Hugging Face cache"):
+        fingerprints(RunSpec(method="wanda", sparsity=0.5, model="org/never-downloaded", evaluation=EVAL))
+    ref = tmp_path / "hub" / "models--org--cached" / "refs"
+    ref.mkdir(parents=True)
+    (ref / "main").write_text("abc123")
+    prints = fingerprints(RunSpec(method="wanda", sparsity=0.5, model="org/cached", evaluation=EVAL))
+    assert prints["model"] == "hub:org/cached@abc123"
+
+
+def test_a_run_made_by_other_code_is_labelled_and_a_new_submission_computes_it_again(folder, tmp_path):
+    store = Store(tmp_path / "store")
+    spec = spec_of(folder).normalised()
+    prints = fingerprints(spec)
+    old = {**prints, "provenance": {**prints["provenance"], "code": "0.3.0+0123456789ab"}}
+    old_id = run_id(spec, old)
+    store.submit(spec, old, old_id)
+    job = store.claim_next(pid=1)
+    store.save_results(old_id, {"overall_sparsity": 0.5}, [], {"dense": {"ppl": 3.0}, "pruned": {"ppl": 4.0}}, [])
+    assert store.finish(job["job_id"], "done", worker_pid=1)
+    row = next(r for r in store.runs() if r["run_id"] == old_id)
+    assert row["other_code"] and row["code"] == "0.3.0+0123456789ab"
+    new_id = run_id(spec, prints)
+    assert new_id != old_id
+    again = store.submit(spec, prints, new_id)
+    assert not again.cached and again.state == "queued"
