@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 from backend.runs.artifacts import intact
+from backend.runs.lock import lock_holder
 from backend.runs.spec import RunSpec, SpecError, fingerprints, run_id
-from backend.runs.store import ACTIVE, Store
-from backend.runs.worker import ensure_worker
+from backend.runs.store import ACTIVE, Store, StoreError
+from backend.runs.worker import LOG_NAME, ensure_worker
 from backend.sources.datasets import (
     BUILTIN_FILES,
     HUB_IDS,
@@ -74,10 +75,17 @@ def run_detail(store: Store, rid: str) -> dict:
 
 
 def wait(store: Store, run_ids: list[str], on_update: Callable[[str, dict | None], None] = lambda _rid, _job: None,
-         poll_s: float = 0.5) -> None:
-    """Poll until every run's latest job is final; `on_update(run_id, job)` sees each poll of a pending run."""
+         poll_s: float = 0.5, no_worker_s: float = 30.0) -> None:
+    """Poll until every run's latest job is final; `on_update(run_id, job)` sees each poll of a pending run. Gives
+    up with the log's path when no worker has served the store for `no_worker_s` (one that cannot start)."""
     pending = set(run_ids)
+    served = time.monotonic()
     while pending:
+        if lock_holder(store.root) is not None:
+            served = time.monotonic()
+        elif time.monotonic() - served > no_worker_s:
+            raise StoreError(f"no worker has served {store.root} for {no_worker_s:.0f} s while runs wait: see "
+                             f"{store.root / LOG_NAME} for why it did not start")
         store.recover_stale()
         for rid in list(pending):
             job = store.latest_job(rid)

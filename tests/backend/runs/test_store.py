@@ -6,6 +6,7 @@ import multiprocessing
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -161,3 +162,15 @@ def test_a_store_from_a_newer_version_is_refused(tmp_path):
     db.close()
     with pytest.raises(ValueError, match="newer"):
         Store(tmp_path)
+
+
+def test_waiting_gives_up_with_the_log_when_no_worker_serves_the_store(tmp_path):
+    from backend.runs.service import wait
+    from backend.runs.store import StoreError
+    store, spec, prints, rid = fresh(tmp_path)
+    store.submit(spec, prints, rid)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=r"no worker has served .* see .*worker.log"):
+        wait(store, [rid], poll_s=0.05, no_worker_s=0.5)
+    assert time.monotonic() - started < 10
+    assert store.latest_job(rid)["state"] == "queued"
