@@ -373,3 +373,41 @@ def test_sparsity_over_the_whole_scope_and_the_whole_model():
     everything = list(model.parameters())
     assert report.model_parameters == sum(p.numel() for p in everything)
     assert report.model_sparsity == pytest.approx(sum(int((p == 0).sum()) for p in everything) / report.model_parameters)
+
+
+@pytest.mark.parametrize("order", ["sequential", "reference"])
+@pytest.mark.parametrize("arch", ["gemma3", "mixtral"])
+def test_offload_gives_the_masks_of_the_in_place_run_with_per_layer_arguments_and_experts(arch, order):
+    windows = random_windows(6)
+    masks = []
+    for offload in (False, True):
+        model = tiny_model(arch)
+        report = prune_model(model, windows, create("wanda", sparsity=0.5), order=order, batch_size=4,
+                             offload=offload, device=torch.device("cpu"))
+        assert report.check["relative_difference"] < 1e-4
+        masks.append({n: p == 0 for n, p in model.named_parameters() if ".layers." in n and p.dim() >= 2})
+    assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude_and_says_so():
+    """Top-1 routing with router rows +v, -v, 0, 0: every token goes to expert 0 or 1, never to 2 or 3."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    options = {k: v for k, v in TINY["mixtral"].items() if k != "model_type"}
+    config = AutoConfig.for_model("mixtral", vocab_size=512, **{**options, "num_experts_per_tok": 1})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            v = torch.randn(64)
+            layer.mlp.gate.weight.copy_(torch.stack([v, -v, torch.zeros(64), torch.zeros(64)]))
+    report = prune_model(model, random_windows(), create("wanda", sparsity=0.5), order="reference", batch_size=4)
+    rows = {r.name: r for r in report.layers}
+    for i, layer in enumerate(model.model.layers):
+        for e in (2, 3):
+            for projection in ("gate_up_proj", "down_proj"):
+                row = rows[f"model.layers.{i}.mlp.experts.{e}.{projection}"]
+                assert row.tokens == 0 and "no calibration token reached it: magnitude used" in row.note
+                w = getattr(layer.mlp.experts, projection)[e]
+                assert (w == 0).sum() == w.numel() // 2
+        assert rows[f"model.layers.{i}.mlp.experts.0.down_proj"].tokens + \
+            rows[f"model.layers.{i}.mlp.experts.1.down_proj"].tokens == 8 * 32
