@@ -81,9 +81,10 @@ def layer_scope(layer: nn.Module, include: list[str] | None = None, exclude: lis
                 scope.linears[name] = m
     for path, m in experts.items():
         for projection in PROJECTIONS:
-            p = getattr(m, projection, None)
-            if isinstance(p, torch.Tensor):
-                accounted.add(id(p))
+            for attr in (projection, f"{projection}_bias"):
+                p = getattr(m, attr, None)
+                if isinstance(p, torch.Tensor):
+                    accounted.add(id(p))
         for projection in projections(m):
             for e in range(m.num_experts):
                 candidates[scope.expert_name(path, e, projection)] = expert_matrix(m, projection, e)

@@ -74,6 +74,11 @@ TINY = {
     "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                     num_local_experts=4, num_experts_per_tok=2),
+    # transposed experts ([E, in, out]) with biases, interleaved gate/up and its own gate function
+    "gpt_oss": dict(model_type="gpt_oss", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                    num_experts_per_tok=2, max_position_embeddings=256, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"]),
     "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, moe_intermediate_size=32, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       max_position_embeddings=256, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,

@@ -411,3 +411,20 @@ def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude_and_says_
                 assert (w == 0).sum() == w.numel() // 2
         assert rows[f"model.layers.{i}.mlp.experts.0.down_proj"].tokens + \
             rows[f"model.layers.{i}.mlp.experts.1.down_proj"].tokens == 8 * 32
+
+
+@pytest.mark.parametrize("order", ["sequential", "reference"])
+def test_transposed_biased_experts_of_gpt_oss_are_pruned_per_expert_row(order):
+    model = tiny_model("gpt_oss")
+    routers = [layer.mlp.router.weight.clone() for layer in model.model.layers]
+    report = prune_model(model, random_windows(), create("wanda", sparsity=0.5), order=order, batch_size=4)
+    assert len(report.layers) == 2 * (4 + 4 * 2) and report.check["relative_difference"] < 1e-4
+    for layer, router in zip(model.model.layers, routers):
+        experts = layer.mlp.experts
+        assert experts.is_transposed and experts.has_bias
+        for projection in ("gate_up_proj", "down_proj"):
+            for e in range(experts.num_experts):
+                w = getattr(experts, projection)[e].t()
+                assert ((w == 0).sum(1) == w.shape[1] // 2).all()
+        assert torch.equal(layer.mlp.router.weight, router)
+    assert [k["reason"] for k in report.kept] == ["router (kept dense)"] * 2
