@@ -166,7 +166,11 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
 
     with torch.no_grad(), on_device(model, layers, device, offload):
         with clock("capture"):
+            if offload:
+                layers[0].to(device)  # the capture calls layer 0 once for real, to learn its output's container
             inputs = capture_layer_inputs(model, layers, batches, device)
+            if offload:
+                layers[0].to(home)
         hidden = inputs.hidden
         for index, layer in enumerate(layers):
             started = time.perf_counter()
