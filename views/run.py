@@ -66,13 +66,16 @@ def form() -> RunSpec | None:
             use_judge = st.toggle("LLM judge (OpenAI-compatible; key from OPENAI_API_KEY)")
             judge_model = st.text_input("Judge model", value="gpt-4o-mini")
             judge_url = st.text_input("Judge endpoint (empty: $OPENAI_BASE_URL or OpenAI)")
+            st.text_input("Its API key, only for another endpoint (kept in this dashboard's memory for the run, "
+                          "never written)", type="password", key="judge_key")
         submitted = st.form_submit_button("Prune and evaluate", type="primary")
     if not submitted:
         return None
-    if use_judge and judge_url.strip() and not service.judge_endpoint_is_configured(judge_url):
+    if use_judge and judge_url.strip() and not service.judge_endpoint_is_configured(judge_url) \
+            and not st.session_state.get("judge_key", "").strip():
         st.error(f"The server's API key is only ever sent to its configured judge endpoint "
-                 f"({service.configured_judge_endpoint()}), not to {judge_url.strip()}. Leave the endpoint empty, or "
-                 f"judge there from the command line with that endpoint's own OPENAI_BASE_URL and OPENAI_API_KEY.")
+                 f"({service.configured_judge_endpoint()}), not to {judge_url.strip()}: type that endpoint's own key, "
+                 f"or leave the endpoint empty.")
         return None
     evaluation = EvalSettings(ppl=ppl, ppl_seqlen=int(ppl_seqlen), ppl_windows=int(ppl_windows), jsd=jsd,
                               tasks=tasks, limit=int(limit), max_new_tokens=int(max_new_tokens),
@@ -148,7 +151,7 @@ def watch(rid: str) -> None:
 spec = form()
 if spec is not None:
     try:
-        submitted = service.submit(db, spec, data_dir())
+        submitted = service.submit(db, spec, data_dir(), judge_key=st.session_state.get("judge_key") or None)
     except (SpecError, ValueError) as err:
         st.error(str(err))
     else:

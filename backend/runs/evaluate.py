@@ -54,7 +54,7 @@ def task_prompts(settings: EvalSettings, tokenizer, records: list[dict]) -> list
 
 
 def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: str | None = None,
-                 log: Log = lambda _m: None, progress: StageProgress = lambda _stage, _done, _total: None) -> dict:
+                 log: Log = lambda _m: None, progress: StageProgress = lambda _stage, _done, _total: None, judge_key: str | None = None) -> dict:
     """What one model scores on its own: perplexity, generated answers (cleaned text and the exact generated ids)
     and their judge verdicts. For the dense model this depends only on the model and the settings, so a store can
     compute it once and reuse it."""
@@ -81,7 +81,7 @@ def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: s
         out["seconds"][f"generate_{side}"] = time.perf_counter() - started
         log(f"generated {len(prompts)} answers with the {side} model")
         if settings.judge_model:
-            config = JudgeConfig(model=settings.judge_model, base_url=settings.judge_base_url)
+            config = JudgeConfig(model=settings.judge_model, base_url=settings.judge_base_url, api_key=judge_key)
             started = time.perf_counter()
             verdict = judge([{"id": f"task-{i}", "instruction": r["instruction"], "input": r.get("input", ""),
                               "reference": r["output"], "response": answer}
@@ -125,14 +125,14 @@ def divergence_on_answers(dense: LoadedModel, pruned: LoadedModel, records: list
 
 def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, data_dir: str | None = None,
              log: Log = lambda _m: None, progress: StageProgress = lambda _stage, _done, _total: None,
-             dense_side: dict | None = None) -> tuple[dict, list[dict]]:
+             dense_side: dict | None = None, judge_key: str | None = None) -> tuple[dict, list[dict]]:
     """Returns the summary (dense and pruned metrics, divergences, seconds) and the per-example records;
     `progress(stage, done, total)` is called as each stage advances. `dense_side`, from `measure_side` on the
     dense model with the same settings, skips recomputing it."""
     settings.check()
     if dense_side is None:
-        dense_side = measure_side(dense, settings, "dense", data_dir, log, progress)
-    pruned_side = measure_side(pruned, settings, "pruned", data_dir, log, progress)
+        dense_side = measure_side(dense, settings, "dense", data_dir, log, progress, judge_key)
+    pruned_side = measure_side(pruned, settings, "pruned", data_dir, log, progress, judge_key)
     summary: dict = {"dense": {}, "pruned": {}, "seconds": {**dense_side["seconds"], **pruned_side["seconds"]},
                      "protocol": {}}
     examples: list[dict] = []

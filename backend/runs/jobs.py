@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from backend.log import Log, stderr_log
+from backend.runs import keys
 from backend.runs.artifacts import MODEL_ARTIFACT, describe
 from backend.runs.evaluate import evaluate, measure_side
 from backend.runs.export import save_pruned
@@ -22,6 +23,7 @@ from compression.driver import prune_model
 from compression.methods import create
 from compression.patterns import parse_pattern
 from compression.report import Progress, peak_rss_mb
+from metrics.judge import configured_endpoint, same_endpoint
 
 
 class Cancelled(Exception):
@@ -78,6 +80,19 @@ class ModelCache:
         return models.load(spec.model, self.device, spec.dtype, log=self.log)
 
 
+def offered_judge_key(store: Store, run_id: str, spec: RunSpec) -> str | None:
+    """The key typed in the dashboard for a judge endpoint that is not the server's own (None: the endpoint is the
+    server's, whose OPENAI_API_KEY the judge uses)."""
+    url = spec.evaluation.judge_base_url
+    if not spec.evaluation.judge_model or not url or same_endpoint(url, configured_endpoint()):
+        return None
+    key = keys.fetch(store.root, run_id)
+    if key is None:
+        raise RuntimeError(f"the judge endpoint {url} needs the key typed with the run, and no dashboard holds it any "
+                           f"more (restarted?): submit the run again with its key")
+    return key
+
+
 def check_provenance(expected: dict | None, lm) -> None:
     """The run's id promises a device type and dtype: a worker that would compute it otherwise refuses, so a result
     is never filed under another experiment's id."""
@@ -125,17 +140,19 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
         store.save_layers(run_id, layers)
         log(f"run {run_id}: pruned model rebuilt in {folder}")
         return
+    judge_key = offered_judge_key(store, run_id, spec)
     key = dense_key(spec, prints)
     dense_side = store.dense_result(key)
     reused = dense_side is not None
     if not reused:
-        dense_side = measure_side(dense, spec.evaluation, "dense", data_dir, log, report)
+        dense_side = measure_side(dense, spec.evaluation, "dense", data_dir, log, report, judge_key)
         store.save_dense_result(key, spec.model, dense_side)
     else:
         dense_side = {**dense_side, "seconds": {}}
         log(f"dense side of the evaluation reused ({key})")
     lm = replace(working, path=str(folder), name=f"{spec.model} ({spec.summary()})")
-    summary, examples = evaluate(dense, lm, spec.evaluation, data_dir, log, report, dense_side=dense_side)
+    summary, examples = evaluate(dense, lm, spec.evaluation, data_dir, log, report, dense_side=dense_side,
+                                 judge_key=judge_key)
     summary["dense_reused"] = reused
     store.save_results(run_id, prune, layers, summary, examples)
     log(f"run {run_id}: done")

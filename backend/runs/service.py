@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from backend.runs import keys
 from backend.runs.artifacts import intact
 from backend.runs.lock import lock_holder
 from backend.runs.spec import RunSpec, SpecError, fingerprints, run_id
@@ -27,15 +28,24 @@ _children: list[subprocess.Popen] = []
 
 
 def submit(store: Store, spec: RunSpec, data_dir: str | None = None, device: str = "auto",
-           start_worker: bool = True) -> dict:
+           start_worker: bool = True, judge_key: str | None = None) -> dict:
     """Queue a spec, or find it already done; returns run_id, state, cached and job_id. Starts a worker (its own
-    program, never a fork of the caller) when there is work and none runs."""
+    program, never a fork of the caller) when there is work and none runs. `judge_key`: the key of a judge endpoint
+    that is not the server's; it stays in this process's memory and is handed only to the worker of this run."""
     spec = spec.normalised()
-    if spec.evaluation.judge_model and not os.environ.get("OPENAI_API_KEY"):
-        raise SpecError("judge_model needs an API key: set OPENAI_API_KEY (it is never written anywhere)")
+    own_endpoint = True
+    if spec.evaluation.judge_model:
+        own_endpoint = judge_endpoint_is_configured(spec.evaluation.judge_base_url)
+        if own_endpoint and not os.environ.get("OPENAI_API_KEY"):
+            raise SpecError("judge_model needs an API key: set OPENAI_API_KEY (it is never written anywhere)")
+        if not own_endpoint and not (judge_key or "").strip():
+            raise SpecError(f"the judge endpoint {spec.evaluation.judge_base_url} is not the server's "
+                            f"({configured_judge_endpoint()}), whose key is never sent elsewhere: give its own key")
     prints = fingerprints(spec, data_dir, device)
     rid = run_id(spec, prints)
     submission = store.submit(spec, prints, rid, artifacts_ok=intact(store, rid), data_dir=data_dir)
+    if spec.evaluation.judge_model and not own_endpoint and not submission.cached:
+        keys.offer(store.root, rid, judge_key.strip())
     if start_worker and not submission.cached:
         start(store.root, device)
     return {"run_id": rid, "state": submission.state, "cached": submission.cached, "job_id": submission.job_id}

@@ -99,6 +99,28 @@ def test_the_server_key_is_never_sent_to_an_endpoint_typed_in_the_form(monkeypat
     assert Store(tmp_path).runs() == []
 
 
+def test_another_endpoint_with_its_own_key_typed_in_the_form_is_queued(monkeypatch, tmp_path, tiny_folder):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-server-key")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    at = app(monkeypatch, tmp_path)
+    at.switch_page("views/run.py").run()
+    fill_form(at, str(tiny_folder), seed=0)
+    at.toggle[0].set_value(True)
+    next(w for w in at.text_input if w.label.startswith("Judge endpoint")).set_value("http://127.0.0.1:9/v1")
+    next(w for w in at.text_input if w.label.startswith("Its API key")).set_value("sk-typed-key")
+    try:
+        at = submit(at)
+        assert not at.exception and not at.error
+        rows = Store(tmp_path).runs()
+        assert len(rows) == 1 and rows[0]["run_id"] == at.query_params["run"]
+        assert Store(tmp_path).spec(rows[0]["run_id"]).evaluation.judge_base_url == "http://127.0.0.1:9/v1"
+    finally:
+        stop_worker(tmp_path)
+        from backend.runs import keys
+        keys.withdraw(tmp_path, at.query_params.get("run", ""))
+    assert b"sk-typed-key" not in b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
 def test_a_new_run_from_the_page_is_queued_polled_and_finishes(monkeypatch, tmp_path, tiny_folder):
     at = app(monkeypatch, tmp_path)
     at.switch_page("views/run.py").run()
