@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.log import Log, stderr_log
+from backend.runs.identity import code_version, library_versions
 from backend.runs.spec import CALIBRATION_TEMPLATES, EvalSettings, RunSpec
 from backend.runs.store import Store
 from backend.sources.names import DEFAULT_MODEL
@@ -101,7 +102,9 @@ def prune(model: str = DEFAULT_MODEL, method: str = "wanda", sparsity: float = 0
     spec = {"model": model, "model_path": lm.path, "method": method, "sparsity": sparsity, "pattern": str(parsed),
             "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "template": template,
             "order": order, "per_row": per_row, "include": include, "exclude": exclude,
-            "dtype": str(lm.dtype).removeprefix("torch."), "device": str(compute), "offload": offload}
+            "dtype": str(lm.dtype).removeprefix("torch."), "device": str(compute), "offload": offload,
+            "provenance": {"device_type": compute.type, "dtype": str(lm.dtype).removeprefix("torch."),
+                           "code": code_version(), **library_versions()}}
     return Pruned(lm, report, spec, stages)
 
 

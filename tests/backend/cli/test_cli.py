@@ -75,6 +75,8 @@ def test_prune_save_reload_and_ppl_through_the_real_entry_point(tmp_path, tiny_f
     assert len(result["layers"]) == 14 and all(l["sparsity"] == 0.5 for l in result["layers"])
     assert set(result["layers"][0]) >= {"name", "sparsity", "rel_error", "seconds"}
     assert read_sidecar(save)["spec"]["method"] == "sparsegpt"
+    origin = read_sidecar(save)["spec"]["provenance"]
+    assert origin["device_type"] == "cpu" and origin["dtype"] == "float32" and origin["code"].startswith("0.")
     from transformers import AutoModelForCausalLM
     reloaded = AutoModelForCausalLM.from_pretrained(save)
     w = reloaded.model.layers[1].mlp.down_proj.weight
