@@ -7,7 +7,6 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 from dataclasses import replace
 
 import pytest
@@ -18,7 +17,7 @@ from backend.runs.spec import EvalSettings, RunSpec, SpecError
 from backend.runs.store import Store
 from backend.runs.worker import stop_worker
 from tests.conftest import ROOT
-from tests.metrics.test_judge import ChatServer
+from tests.metrics.test_judge import server  # noqa: F401  (the local chat-completions fixture)
 
 
 def fetch_in_another_process(store, run_id) -> str:
@@ -39,17 +38,8 @@ def test_an_offered_key_is_served_to_this_users_processes_until_withdrawn(tmp_pa
     assert fetch_in_another_process(tmp_path, "run-a") == "None"
 
 
-@pytest.fixture
-def server():
-    server = ChatServer()
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def test_a_run_judged_at_another_endpoint_uses_only_the_key_typed_for_it(tmp_path, tiny_folder, server, monkeypatch):
+def test_a_run_judged_at_another_endpoint_uses_only_the_key_typed_for_it(tmp_path, tiny_folder, server,  # noqa: F811
+                                                                       monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "SERVER-KEY-9")
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     store = Store(tmp_path / "store")
