@@ -123,10 +123,12 @@ def evaluate(dense, pruned, settings: EvalSettings | None = None, *, data_dir: s
                           progress=progress or (lambda _stage, _done, _total: None))
 
 
-def submit(spec: RunSpec, store: str | Path | None = None, data_dir: str | None = None, device: str = "auto") -> dict:
-    """Queue a run for the store's worker (started if needed); a finished identical run is answered at once."""
+def submit(spec: RunSpec, store: str | Path | None = None, data_dir: str | None = None, device: str = "auto",
+           judge_key: str | None = None) -> dict:
+    """Queue a run for the store's worker (started if needed); a finished identical run is answered at once.
+    `judge_key`: the key of a judge endpoint other than OPENAI_BASE_URL's, held in this process's memory only."""
     from backend.runs.service import submit as submit_run
-    return submit_run(Store(store), spec.normalised(), data_dir, device)
+    return submit_run(Store(store), spec.normalised(), data_dir, device, judge_key=judge_key)
 
 
 def wait(run_ids: list[str] | str, store: str | Path | None = None) -> list[dict]:

@@ -40,7 +40,8 @@ def submit(store: Store, spec: RunSpec, data_dir: str | None = None, device: str
             raise SpecError("judge_model needs an API key: set OPENAI_API_KEY (it is never written anywhere)")
         if not own_endpoint and not (judge_key or "").strip():
             raise SpecError(f"the judge endpoint {spec.evaluation.judge_base_url} is not the server's "
-                            f"({configured_judge_endpoint()}), whose key is never sent elsewhere: give its own key")
+                            f"({configured_judge_endpoint()}), whose key is never sent elsewhere: give its own key (the Run page's "
+                            f"key field), or set OPENAI_BASE_URL to it with its OPENAI_API_KEY")
     prints = fingerprints(spec, data_dir, device)
     rid = run_id(spec, prints)
     submission = store.submit(spec, prints, rid, artifacts_ok=intact(store, rid), data_dir=data_dir)
