@@ -16,7 +16,7 @@ In both orders, later layers see the errors of earlier ones.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from typing import Iterator
 
@@ -372,12 +372,11 @@ class LayerRun:
         tasks = [lambda h=h, a=a, k=k: call_layer(self.layer, h, a, k) for h, a, k in zip(hidden, args, kwargs)]
         forward_start, hook_before = time.perf_counter(), self.hook_seconds()
         try:
-            for tap in taps:
-                tap.__enter__()
-            outputs = self.lockstep.run(tasks, interleave=sequential and len(tasks) > 1)
+            with ExitStack() as stack:
+                for tap in taps:
+                    stack.enter_context(tap)
+                outputs = self.lockstep.run(tasks, interleave=sequential and len(tasks) > 1)
         finally:
-            for tap in taps:
-                tap.__exit__()
             for handle in handles:
                 handle.remove()
         spent = time.perf_counter() - forward_start - (self.hook_seconds() - hook_before)
