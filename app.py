@@ -6,6 +6,7 @@ st.set_page_config(page_title="PruneScope", page_icon="✂️", layout="wide")
 PAGES = [
     st.Page("views/home.py", title="Home", icon="🏠", default=True),
     st.Page("views/run.py", title="Run", icon="🚀"),
+    st.Page("views/runs.py", title="Runs", icon="🗂️"),
     st.Page("views/compare.py", title="Compare", icon="📈"),
     st.Page("views/layers.py", title="Layers", icon="🧱"),
     st.Page("views/generations.py", title="Generations", icon="💬"),

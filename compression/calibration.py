@@ -81,8 +81,9 @@ def windows_from_records(records: Sequence[dict], tokenizer, render: Callable[[d
 
 def windows_from_model(model: torch.nn.Module, tokenizer, nsamples: int, seqlen: int, seed: int = 0,
                        batch_size: int = 16, top_p: float = 0.95, temperature: float = 1.0,
-                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Self-generated calibration: the model samples its own text from a start token, with a seed."""
+                       progress: Callable[[int, int], None] | None = None, streamer=None) -> torch.Tensor:
+    """Self-generated calibration: the model samples its own text from a start token, with a seed; `streamer` (a
+    transformers streamer) sees every decoding step, for progress inside a batch."""
     check_shape(nsamples, seqlen, None)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -95,7 +96,7 @@ def windows_from_model(model: torch.nn.Module, tokenizer, nsamples: int, seqlen:
             prompt = torch.full((count, 1), start, dtype=torch.long, device=device)
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=top_p,
                                  temperature=temperature, top_k=0, max_new_tokens=seqlen, min_new_tokens=seqlen,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, streamer=streamer)
             windows.append(out[:, 1:1 + seqlen].cpu())
             if progress:
                 progress(done + count, nsamples)

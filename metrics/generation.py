@@ -38,10 +38,11 @@ def answer_texts(tokenizer, answers: list[list[int]], stops: list[int]) -> list[
 
 def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32,
                  batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
-                 min_new_tokens: int = 0) -> list[list[int]]:
+                 min_new_tokens: int = 0, streamer=None) -> list[list[int]]:
     """Greedy answers' token ids, stopping at any of `stop_ids`; each row keeps the stop token that ended it and
     drops the padding after it. Prompts are sorted by length so each batch carries little padding; the answers come
-    back in the prompts' order. Special tokens in a prompt's text (a chat template) are kept."""
+    back in the prompts' order. Special tokens in a prompt's text (a chat template) are kept. `streamer` (a
+    transformers streamer) sees every decoding step, for progress inside a batch."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} and batch_size {batch_size} must both be at least 1")
     device = next(model.parameters()).device
@@ -64,7 +65,7 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                  eos_token_id=stops or None, pad_token_id=pad, top_p=None, top_k=None,
-                                 temperature=None)
+                                 temperature=None, streamer=streamer)
             for r, i in enumerate(rows):
                 answers[i] = trim_answer(out[r, width:].tolist(), stops)
             if progress:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -15,7 +15,7 @@ from metrics.heads import chunked_head_matches, head_inputs
 
 @dataclass(frozen=True)
 class Perplexity:
-    """exp(mean NLL) over every scored token, and the protocol behind it."""
+    """exp(mean NLL) over every scored token (every window scores seqlen - 1), and the protocol behind it."""
 
     ppl: float
     nll: float
@@ -26,6 +26,7 @@ class Perplexity:
     stream_tokens: int
     source: str
     seconds: float
+    window_nll: list[float] = field(default_factory=list)  # each window's mean NLL, the unit of its interval
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,20 +37,24 @@ def token_stream(texts: Sequence[str], tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids, dtype=torch.long)
 
 
-def batch_nll(model: torch.nn.Module, ids: torch.Tensor, chunked: bool, rows: int = 256) -> float:
-    """Summed next-token NLL of a batch. Chunked: the head runs on `rows` positions at a time so the logits stay in
-    cache and the full [batch, seqlen, vocab] tensor is never written (measured faster than the plain forward)."""
+def window_nll(model: torch.nn.Module, ids: torch.Tensor, chunked: bool, rows: int = 256) -> torch.Tensor:
+    """Summed next-token NLL of each window of a batch, in float64. Chunked: the head runs on `rows` positions at a
+    time so the logits stay in cache and the full [batch, seqlen, vocab] tensor is never written (measured faster
+    than the plain forward)."""
+    batch, seqlen = ids.shape
     labels = F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
     if not chunked:
         logits = model(input_ids=ids, use_cache=False).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=-100, reduction="sum").item()
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=-100, reduction="none")
+        return losses.double().view(batch, seqlen).sum(dim=1).cpu()
     hidden = head_inputs(model, ids).flatten(0, 1)
     head = model.get_output_embeddings()
-    total = 0.0
+    losses = torch.empty(hidden.shape[0], dtype=torch.float64)
     for start in range(0, hidden.shape[0], rows):
         logits = head(hidden[start:start + rows]).float()
-        total += F.cross_entropy(logits, labels[start:start + rows], ignore_index=-100, reduction="sum").item()
-    return total
+        losses[start:start + rows] = F.cross_entropy(logits, labels[start:start + rows], ignore_index=-100,
+                                                     reduction="none").double().cpu()
+    return losses.view(batch, seqlen).sum(dim=1)
 
 
 def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], seqlen: int, windows: int | None = None,
@@ -72,15 +77,15 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], seqlen: 
     vocab = model.get_output_embeddings().weight.shape[0]
     batch = max(1, min(batch_size, logits_budget_bytes // (seqlen * vocab * 4)))
     device = next(model.parameters()).device
-    total = 0.0
+    sums = []
     started = time.perf_counter()
     with torch.no_grad():
         chunked = chunked_head_matches(model, ids.to(device))
         for start in range(0, count, batch):
-            total += batch_nll(model, ids[start:start + batch].to(device), chunked)
+            sums.append(window_nll(model, ids[start:start + batch].to(device), chunked))
             if progress:
                 progress(min(start + batch, count), count)
-    scored = count * (seqlen - 1)
-    nll = total / scored
-    return Perplexity(math.exp(nll), nll, scored, seqlen, count, available, stream.numel(), source,
-                      time.perf_counter() - started)
+    per_window = (torch.cat(sums) / (seqlen - 1)).tolist()
+    nll = sum(per_window) / count
+    return Perplexity(math.exp(nll), nll, count * (seqlen - 1), seqlen, count, available, stream.numel(), source,
+                      time.perf_counter() - started, per_window)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
+from typing import Mapping
 
 import streamlit as st
 
@@ -65,10 +67,18 @@ def fmt(value, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def md_escape(text: str) -> str:
+    """Text shown literally inside Streamlit markdown: its markdown punctuation backslash-escaped."""
+    return re.sub(r"([\\`*_{}\[\]()#+!|<>~$])", r"\\\1", str(text))
+
+
 # helpers of the Compare, Layers and Generations pages (pure: no Streamlit calls, so tests import them)
 
 LN2 = math.log(2)
+JSD_MAX = {"nats": LN2, "bits": 1.0}
 JSD_RGB = (239, 85, 59)
+# special-token text, only for records made before runs marked their special tokens (`special`, `pruned_special`)
+OLD_SPECIAL = re.compile(r"<\|[^<>|\s]+\|>|</?s>|<(?:bos|eos|pad|unk)>|\[(?:PAD|CLS|SEP|UNK|MASK)\]")
 
 
 def filter_value(row: dict, field: str) -> str:
@@ -142,25 +152,49 @@ def _alpha(value, top: float) -> float:
     return min(max(value / top, 0.0), 1.0)
 
 
-def token_html(tokens: list[str], values: list[float | None], top: float = LN2) -> str:
-    """Tokens as escaped HTML spans whose background opacity is value / top (JSD's maximum: ln 2, or 1 in bits),
+def jsd_unit(protocol: Mapping) -> str | None:
+    """The unit (nats or bits) a run's protocol records for its divergences; None when it does not say."""
+    return (protocol.get("divergence") or {}).get("unit")
+
+
+def _top(unit: str) -> float:
+    if unit not in JSD_MAX:
+        raise ValueError(f"unknown JS divergence unit {unit!r}: use one of {', '.join(JSD_MAX)}")
+    return JSD_MAX[unit]
+
+
+def visible_tokens(tokens: list[str], values: list[float | None],
+                   special: list[bool] | None = None) -> tuple[list[str], list[float | None], int]:
+    """The tokens to show and their values, still aligned, without special tokens (which the dense answer's text
+    leaves out too): those the record marks in `special`, or, in an older record without marks, those whose whole
+    text is special-token text; and how many were hidden."""
+    marks = special if isinstance(special, list) and len(special) == len(tokens) else [
+        bool(OLD_SPECIAL.fullmatch(str(t).strip())) for t in tokens]
+    padded = list(values[:len(tokens)]) + [None] * (len(tokens) - len(values))
+    kept = [(t, v) for t, v, hidden in zip(tokens, padded, marks) if not hidden]
+    return [t for t, _ in kept], [v for _, v in kept], len(tokens) - len(kept)
+
+
+def token_html(tokens: list[str], values: list[float | None], unit: str = "nats") -> str:
+    """Tokens as escaped HTML spans whose background opacity is value / JSD's maximum in `unit` (ln 2 nats, 1 bit),
     each titled with its value; tokens past the end of `values` are left uncoloured."""
+    top = _top(unit)
     r, g, b = JSD_RGB
     spans = []
     for i, token in enumerate(tokens):
         value = values[i] if i < len(values) else None
-        title = f"JSD {value:.4f}" if isinstance(value, (int, float)) else "JSD –"
+        title = f"JSD {value:.4f} {unit}" if isinstance(value, (int, float)) else "JSD –"
         spans.append(f'<span style="background-color: rgba({r}, {g}, {b}, {_alpha(value, top):.3f}); '
                      f'border-radius: 3px" title="{html.escape(title)}">{html.escape(str(token))}</span>')
     return ('<div style="white-space: pre-wrap; line-height: 1.7; font-family: ui-monospace, monospace; '
             'font-size: 0.9em">' + "".join(spans) + "</div>")
 
 
-def jsd_legend(top: float = LN2) -> str:
-    """A one-line legend of the token colouring, from 0 to the maximum JSD."""
+def jsd_legend(unit: str = "nats") -> str:
+    """A one-line legend of the token colouring, from 0 to the maximum JSD in `unit`."""
+    top = _top(unit)
     r, g, b = JSD_RGB
     steps = "".join(f'<span style="background-color: rgba({r}, {g}, {b}, {f:.2f}); padding: 0 0.6em" '
-                    f'title="JSD {f * top:.3f}">{f * top:.2f}</span>' for f in (0, 0.25, 0.5, 0.75, 1))
-    unit = "bits" if abs(top - 1.0) < 1e-9 else "nats"
+                    f'title="JSD {f * top:.3f} {unit}">{f * top:.2f}</span>' for f in (0, 0.25, 0.5, 0.75, 1))
     return (f'<div style="font-size: 0.85em">token background = Jensen-Shannon divergence of dense vs pruned '
             f'next-token distributions ({unit}, max {top:.3f}): {steps}</div>')

@@ -1,4 +1,5 @@
-"""Compare: finished runs side by side, relative to their dense model; the filters live in the URL, to share a view."""
+"""Compare: finished runs side by side, relative to their dense model; only runs measured with one protocol share a
+chart, table or correlation. The filters and the protocol live in the URL, to share a view."""
 
 from __future__ import annotations
 
@@ -7,12 +8,36 @@ import os
 import streamlit as st
 
 from backend.reports import charts
-from views.common import filter_rows, filter_value, finished_runs_or_stop, selected_run
+from backend.runs.protocol import (
+    KEY_FIELDS,
+    METRIC_PART,
+    comparable,
+    groups,
+    metric_note,
+    part_label,
+    protocol_label,
+)
+from views.common import (
+    filter_rows,
+    filter_value,
+    finished_runs_or_stop,
+    md_escape,
+    selected_run,
+)
 
 FILTERS = {"model": "Model", "method": "Method", "calibration": "Calibration", "sparsity": "Sparsity",
            "pattern": "Pattern"}
-TABLE = ["run_id", "model", "method", "sparsity", "pattern", "calibration", "overall_sparsity", "dense_ppl",
-         "pruned_ppl", "ppl_ratio", "jsd", "kl_dense_pruned", "kl_pruned_dense", "flip_rate"]
+# the relative table's columns, {task} filled with the chosen task score; the others stay on the run's own pages
+TABLE = ["run_id", "model", "method", "sparsity", "pattern", "calibration", "dense_ppl", "pruned_ppl", "ppl_ratio",
+         "jsd", "kl_dense_pruned", "flip_rate", "pruned_{task}", "{task}_relative"]
+# columns left out of the table, and named once above it, when every run shown has the same value
+REPEATED = ("model", "method", "sparsity", "pattern", "calibration", "dense_ppl")
+FORMATS = {"sparsity": "%.2f", "dense_ppl": "%.2f", "pruned_ppl": "%.2f", "ppl_ratio": "%.3f", "jsd": "%.3g",
+           "kl_dense_pruned": "%.3g", "flip_rate": "%.3f", "pruned_{task}": "%.3f", "{task}_relative": "percent"}
+CORRELATION = {"metric": "metric", "spearman": "Spearman ρ", "spearman_p": "p (Spearman)", "kendall": "Kendall τ",
+               "kendall_p": "p (Kendall)", "n": "runs", "note": "note"}
+NUMBERS = ("spearman", "spearman_p", "kendall", "kendall_p")
+MIN_CORRELATED = 3
 
 st.title("📈 Compare")
 
@@ -40,6 +65,57 @@ def url_select(title: str, options: list[str], key: str, labels: dict[str, str],
     return chosen
 
 
+def relative_table(rows: list[dict], task: str, protocol: dict) -> None:
+    """The runs' metrics relative to dense, with human column names and each metric's unit and protocol on hover,
+    settings every run shares said once above instead of repeated; a selected row links to that run's pages."""
+    table = charts.done(rows)
+    columns = [c.format(task=task) for c in TABLE]
+    shown = table[columns].copy()
+    shown["run_id"] = shown["run_id"].str[:8]
+    shown["model"] = [os.path.basename(str(m).rstrip("/")) or m for m in shown["model"]]
+    config = {}
+    for template, column in zip(TABLE, columns):
+        note = metric_note(column, protocol) if column in METRIC_PART else None
+        form = FORMATS.get(template)
+        config[column] = (st.column_config.NumberColumn(charts.LABELS[column], format=form, help=note) if form else
+                          st.column_config.TextColumn(charts.LABELS[column], help=note))
+    same = [c for c in REPEATED if len(shown) > 1 and shown[c].nunique(dropna=False) == 1]
+    if same:
+        st.caption("Same for every run shown: " + " · ".join(
+            f"{charts.LABELS[c]} {FORMATS[c] % shown[c].iloc[0] if c in FORMATS else shown[c].iloc[0]}" for c in same))
+    picked = st.dataframe(shown, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row",
+                          key="relative", column_config=config, placeholder=charts.MISSING,
+                          column_order=[c for c in columns if c not in same])
+    selected = picked["selection"]["rows"] if picked else []
+    if selected:
+        rid = table.iloc[selected[0]]["run_id"]
+        left, right = st.columns(2)
+        left.page_link("views/generations.py", label=f"Generations of {rid[:8]}", icon="💬", query_params={"run": rid})
+        right.page_link("views/layers.py", label=f"Layers of {rid[:8]}", icon="🧱", query_params={"run": rid})
+    else:
+        st.caption("Select a row to open its generations or layers.")
+
+
+def correlations(rows: list[dict], task: str) -> None:
+    """Rank correlation of each metric with the task drop, when at least MIN_CORRELATED runs allow it."""
+    if len(rows) < MIN_CORRELATED:
+        st.info(f"A rank correlation needs at least {MIN_CORRELATED} runs measured with one protocol; "
+                f"{len(rows)} shown.")
+        return
+    st.caption(f"Rank correlation, across the {len(rows)} runs shown, of each metric with the drop in "
+               f"{charts.TASK_LABELS[task]} (dense - pruned).")
+    predicting = charts.predictors(rows, task)
+    shown = predicting.assign(metric=[charts.LABELS.get(m, m) for m in predicting["metric"]])
+    st.dataframe(shown, hide_index=True, width="stretch", key="predictors", placeholder=charts.MISSING,
+                 column_config={c: st.column_config.NumberColumn(label, format="%.3f") if c in NUMBERS
+                                else st.column_config.Column(label) for c, label in CORRELATION.items()})
+    if predicting[["spearman", "kendall"]].notna().any().any():
+        st.plotly_chart(charts.predictors_chart(predicting, task), key="predictors-chart")
+    else:
+        st.info("No metric can be correlated with these runs: "
+                + "; ".join(sorted({n for n in predicting["note"] if n})) + ".")
+
+
 rows = finished_runs_or_stop("compare it")
 
 columns = st.columns(len(FILTERS) + 1)
@@ -49,15 +125,28 @@ for column, (field, title) in zip(columns, FILTERS.items()):
         chosen[field] = url_multiselect(field, title, sorted({filter_value(r, field) for r in rows}))
 with columns[-1]:
     task = url_select("Task score", list(charts.TASKS), "task", charts.TASK_LABELS, default="f1")
-shown = filter_rows(rows, chosen)
-st.caption(f"{len(shown)} of {len(rows)} finished runs match the filters.")
-if not shown:
+matching = filter_rows(rows, chosen)
+st.caption(f"{len(matching)} of {len(rows)} finished runs match the filters.")
+if not matching:
     st.warning("No finished run matches these filters: widen them.")
     st.stop()
 
+found = groups(matching)
+key = found[0][0]
+if len(found) > 1:
+    labels = {k: f"{protocol_label(g[0].get('protocol') or {})} · {len(g)} run(s)" for k, g in found}
+    key = url_select("Protocol (how the runs were measured)", [k for k, _ in found], "protocol", labels, default=key)
+shown, left_out = comparable(matching, key)
+protocol = shown[0].get("protocol") or {}
+if left_out:
+    st.warning(left_out)
+st.markdown(f"**Measured with** protocol `{key}` ({len(shown)} run(s)):\n"
+            + ("\n".join(f"- {md_escape(part_label(part, protocol[part]))}" for part in KEY_FIELDS if part in protocol)
+               or f"- {md_escape(protocol_label(protocol))}"))
+
 st.subheader("Perplexity vs divergence")
-st.caption("Click a point to open that run's generations.")
-scatter = charts.tradeoff_scatter(shown, task)
+st.caption("Click a point to open that run's generations; hover a point for its units and protocol.")
+scatter = charts.tradeoff_scatter(shown, task, protocol)
 event = st.plotly_chart(scatter, on_select="rerun", selection_mode="points", key="tradeoff")
 clicked = selected_run(event, scatter)
 if clicked is None:
@@ -67,30 +156,11 @@ elif clicked != st.session_state.get("compare-opened"):
     st.switch_page("views/generations.py", query_params={"run": clicked})
 
 st.subheader("Each metric relative to dense")
-table = charts.done(shown)
-table["model"] = [os.path.basename(str(m).rstrip("/")) or m for m in table["model"]]
-picked = st.dataframe(
-    table[TABLE + [f"dense_{task}", f"pruned_{task}", f"{task}_change", f"{task}_relative"]], hide_index=True,
-    on_select="rerun", selection_mode="single-row", key="relative",
-    column_config={"sparsity": st.column_config.NumberColumn(format="%.2f"),
-                   "overall_sparsity": st.column_config.NumberColumn("measured sparsity", format="%.3f"),
-                   f"{task}_relative": st.column_config.NumberColumn(format="percent")})
-selected_rows = picked["selection"]["rows"] if picked else []
-if selected_rows:
-    rid = table.iloc[selected_rows[0]]["run_id"]
-    left, right = st.columns(2)
-    left.page_link("views/generations.py", label=f"Generations of {rid[:8]}", icon="💬", query_params={"run": rid})
-    right.page_link("views/layers.py", label=f"Layers of {rid[:8]}", icon="🧱", query_params={"run": rid})
-else:
-    st.caption("Select a row to open its generations or layers.")
+relative_table(shown, task, protocol)
 
 st.subheader("Metric vs sparsity")
 metric = url_select("Metric", list(charts.METRICS), "metric", charts.METRICS)
-st.plotly_chart(charts.metric_vs_sparsity(shown, metric), key="curves")
+st.plotly_chart(charts.metric_vs_sparsity(shown, metric, protocol), key="curves")
 
 st.subheader("Which metric predicts the task loss?")
-st.caption(f"Rank correlation, across the runs shown, of each metric with the drop in {charts.TASK_LABELS[task]} "
-           "(dense - pruned).")
-predicting = charts.predictors(shown, task)
-st.dataframe(predicting, hide_index=True, key="predictors")
-st.plotly_chart(charts.predictors_chart(predicting, task), key="predictors-chart")
+correlations(shown, task)

@@ -6,7 +6,9 @@ import streamlit as st
 
 from backend.reports import charts
 from backend.runs import cleanup, service
-from backend.runs.spec import DEFAULT_MODEL, EvalSettings, RunSpec, SpecError
+from backend.runs.demo import demo
+from backend.runs.protocol import comparable, protocol_label
+from backend.runs.spec import DEFAULT_MODEL, SpecError, run_id_of
 from backend.runs.store import StoreError
 from views.common import data_dir, fmt, label, store
 
@@ -18,20 +20,6 @@ st.markdown(
     "**perplexity**, **Jensen-Shannon divergence** of their next-token distributions, **task scores** (EM, F1, "
     "ROUGE-1) and an optional **LLM judge**, down to each layer and each generated token."
 )
-
-
-def demo_spec(status: dict[str, str]) -> RunSpec:
-    """Wanda 50% on the embedded model with C4 calibration, or text the model writes itself when C4 cannot load;
-    evaluated on the real samples when present, else on the built-in demo data."""
-    usable = {name for name, state in status.items() if state != "unavailable"}
-
-    def pick(wanted: str, fallback: str) -> str:
-        return wanted if wanted in usable else fallback
-
-    return RunSpec(method="wanda", sparsity=0.5, model=DEFAULT_MODEL, calibration=pick("c4", "self"), nsamples=32,
-                   seqlen=256, evaluation=EvalSettings(ppl=pick("wikitext2", "demo-prose"), ppl_windows=10,
-                                                      jsd=pick("alpaca", "demo"), tasks=pick("unnatural", "demo"),
-                                                      limit=40))
 
 
 db = store()
@@ -49,23 +37,48 @@ st.caption(f"Store: {db.root} · {size['runs']} runs, {size['total_bytes'] / 1e6
            f"{cleanup.human_bytes(size['db_bytes'])}; artifacts {cleanup.human_bytes(size['artifact_bytes'])}, "
            f"{size['models']} pruned models)")
 
-if not finished.empty and finished["jsd"].notna().any():
-    ranked = finished.dropna(subset=["jsd"]).sort_values("jsd")
-    by_id = {r["run_id"]: r for r in rows}
-    best, worst = by_id[ranked.iloc[0]["run_id"]], by_id[ranked.iloc[-1]["run_id"]]
+measured = [r for r in rows if r["state"] == "done" and r["jsd"] is not None]
+if measured:
+    same, left_out = comparable(measured)
+    best, worst = min(same, key=lambda r: r["jsd"]), max(same, key=lambda r: r["jsd"])
+    unit = same[0]["protocol"].get("divergence", {}).get("unit", "nats")
     left, right = st.columns(2)
-    left.markdown(f"**Closest to dense** (lowest JS divergence): {label(best)} — JS {fmt(best['jsd'], '.4f')}, "
-                  f"perplexity {fmt(best['dense_ppl'], '.2f')} → {fmt(best['pruned_ppl'], '.2f')}")
-    right.markdown(f"**Furthest from dense**: {label(worst)} — JS {fmt(worst['jsd'], '.4f')}, perplexity "
+    left.markdown(f"**Closest to dense** (lowest JS divergence): {label(best)} — JS {fmt(best['jsd'], '.4f')} "
+                  f"{unit}, perplexity {fmt(best['dense_ppl'], '.2f')} → {fmt(best['pruned_ppl'], '.2f')}")
+    right.markdown(f"**Furthest from dense**: {label(worst)} — JS {fmt(worst['jsd'], '.4f')} {unit}, perplexity "
                    f"{fmt(worst['dense_ppl'], '.2f')} → {fmt(worst['pruned_ppl'], '.2f')}")
+    st.caption(f"Among the {len(same)} finished runs measured the same way: {protocol_label(same[0]['protocol'])}."
+               + (f" {left_out}" if left_out else ""))
 
 st.subheader("Try it")
 status = service.source_status(data_dir())
-spec = demo_spec(status)
-st.write(f"The demo prunes the embedded {DEFAULT_MODEL} with {spec.summary()}, then evaluates it on "
-         f"{spec.evaluation.ppl}, {spec.evaluation.jsd} and {spec.evaluation.tasks} ({spec.evaluation.limit} "
-         f"examples). It takes a few minutes on a laptop CPU; a finished demo is served from the store at once.")
-if st.button("Start the demo", type="primary", icon="▶️"):
+chosen = demo(status)
+spec, ev = chosen.spec, chosen.spec.evaluation
+st.write(f"The demo prunes the embedded {DEFAULT_MODEL} with {spec.summary()}, then compares it with the dense model: "
+         f"perplexity on {ev.ppl} ({ev.ppl_windows} windows of {ev.ppl_seqlen} tokens), Jensen-Shannon divergence on "
+         f"{ev.jsd} and task scores on {ev.tasks} ({ev.limit} examples each). It takes about two minutes on a 2-core "
+         "CPU (the first time includes converting the embedded model); a finished demo opens at once.")
+st.caption(chosen.reason)
+try:
+    demo_id = run_id_of(spec, data_dir())
+except (SpecError, ValueError) as err:
+    demo_id = None
+    st.error(str(err))
+demo_row = next((r for r in rows if r["run_id"] == demo_id), None)
+if demo_row is not None and demo_row["state"] == "done":
+    st.success(f"The demo run {demo_id[:8]} is finished: perplexity {fmt(demo_row['dense_ppl'], '.2f')} → "
+               f"{fmt(demo_row['pruned_ppl'], '.2f')}, JS divergence {fmt(demo_row['jsd'], '.4f')}, F1 "
+               f"{fmt(demo_row['dense_f1'], '.3f')} → {fmt(demo_row['pruned_f1'], '.3f')}.")
+    params = {"run": demo_id}
+    links = st.columns(4)
+    links[0].page_link("views/run.py", label="Its summary", icon="🚀", query_params=params)
+    links[1].page_link("views/compare.py", label="Compare", icon="📈")
+    links[2].page_link("views/layers.py", label="Its layers", icon="🧱", query_params=params)
+    links[3].page_link("views/generations.py", label="Its answers", icon="💬", query_params=params)
+elif demo_row is not None and demo_row["state"] in ("queued", "running"):
+    st.info(f"The demo run {demo_id[:8]} is {demo_row['state']}.")
+    st.page_link("views/run.py", label="Watch its progress", icon="⏳", query_params={"run": demo_id})
+elif st.button("Start the demo", type="primary", icon="▶️"):
     try:
         submitted = service.submit(db, spec, data_dir())
     except (SpecError, ValueError) as err:

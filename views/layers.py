@@ -9,7 +9,7 @@ import streamlit as st
 from backend.reports import charts
 from views.common import finished_runs_or_stop, label, pick_run, store
 
-VALUES = {"rel_error": "relative reconstruction error", "sparsity": "sparsity"}
+VALUES = charts.LAYER_VALUES
 
 st.title("🧱 Layers")
 db = store()
@@ -30,17 +30,22 @@ else:
     with st.expander("Per-layer rows"):
         st.dataframe(pd.DataFrame(layers).drop(columns=["run_id"], errors="ignore"), hide_index=True)
 
-st.subheader("Compare with another run")
-others = [r for r in rows if r["run_id"] != run["run_id"]]
-# the same pruning with another calibration first: the comparison this view is for
-others.sort(key=lambda r: (r["model"], r["method"], r["sparsity"], r["pattern"]) !=
-            (run["model"], run["method"], run["sparsity"], run["pattern"]))
-other = pick_run(others, key="vs", title="Compare with", optional=True) if others else None
-if other is None:
-    st.caption("Pick a second run to see the per-layer difference (this run minus that one), e.g. the same method "
-               "calibrated on other data.")
+# only runs of the same model have the same decoder layers and modules to subtract cell by cell
+others = [r for r in rows if r["run_id"] != run["run_id"] and r["model"] == run["model"]] if layers else []
+if not others:
+    st.caption("No other finished run of this model with a per-layer report to compare with." if layers else
+               "Without a per-layer report this run has nothing to compare with another run.")
 else:
-    st.plotly_chart(charts.layer_difference(layers, db.layers(other["run_id"]), value,
-                                            title=f"{VALUES[value]}: {run['run_id'][:8]} - {other['run_id'][:8]}"),
-                    key="difference")
-    st.caption(f"a = {label(run)}  \nb = {label(other)}")
+    st.subheader("Compare with another run")
+    # the same pruning with another calibration first: the comparison this view is for
+    others.sort(key=lambda r: (r["method"], r["sparsity"], r["pattern"]) !=
+                (run["method"], run["sparsity"], run["pattern"]))
+    other = pick_run(others, key="vs", title="Compare with", optional=True)
+    if other is None:
+        st.caption("Pick a second run to see the per-layer difference (this run minus that one), e.g. the same "
+                   "method calibrated on other data.")
+    else:
+        st.plotly_chart(charts.layer_difference(layers, db.layers(other["run_id"]), value,
+                                                title=f"{VALUES[value]}: {run['run_id'][:8]} - {other['run_id'][:8]}"),
+                        key="difference")
+        st.caption(f"a = {label(run)}  \nb = {label(other)}")

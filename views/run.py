@@ -1,71 +1,148 @@
-"""Run: a form for one experiment, submitted to the worker; the run's progress is polled without blocking."""
+"""Run: a form for one experiment, submitted to the worker; the run's progress is polled without blocking. The form
+shows the watched run's settings and a chosen data folder's sources, and refuses what the backend's early checks
+find wrong before anything is queued."""
 
 from __future__ import annotations
-
-import time
 
 import streamlit as st
 
 from backend.runs import service
+from backend.runs.checks import data_dir_sources
 from backend.runs.spec import DEFAULT_MODEL, METHODS, EvalSettings, RunSpec, SpecError
+from backend.runs.store import StoreError
 from views.common import data_dir, fmt, store
+from views.progress import show_progress
 
 PATTERNS = ("unstructured", "2:4", "4:8")
 NONE = "(skip)"
 STATUS_WORDS = {"offline": "", "hub": " (downloads from the hub)", "unavailable": " (not available offline)"}
+RETRYABLE = ("interrupted", "cancelled")
+TEXTS, RECORDS = service.sources_of_kind("texts"), service.sources_of_kind("records")
+# each source picker's key and the named sources it offers
+PICKERS: dict[str, list[str]] = {"calibration": [*TEXTS, *RECORDS, "self"], "ppl": TEXTS, "jsd": RECORDS,
+                                 "tasks": RECORDS}
+# what a fresh form shows; its sources are the paper's sets, which a data folder holding them moves the pickers to
+FORM_DEFAULT = RunSpec(method="wanda", sparsity=0.5, nsamples=32, seqlen=256,
+                       evaluation=EvalSettings(ppl_windows=10, limit=50))
+JUDGE_DEFAULT = "gpt-4o-mini"
 
 st.title("🚀 Run")
 db = store()
 
 
-def source_choice(label: str, names: list[str], default: str, status: dict[str, str], allow_skip: bool,
-                  key: str) -> str | None:
+def values_of(spec: RunSpec) -> dict:
+    """The form's widget values (by key) that show a spec."""
+    ev = spec.evaluation
+    named = spec.calibration in PICKERS["calibration"]
+    values = {"model": spec.model, "method": spec.method, "pattern": spec.pattern, "sparsity": float(spec.sparsity),
+              "calibration_file": "" if named else spec.calibration, "nsamples": spec.nsamples,
+              "seqlen": spec.seqlen, "seed": spec.seed, "ppl": ev.ppl or NONE, "jsd": ev.jsd or NONE,
+              "tasks": ev.tasks or NONE, "limit": ev.limit, "ppl_windows": ev.ppl_windows,
+              "ppl_seqlen": ev.ppl_seqlen, "max_new_tokens": ev.max_new_tokens, "judge_url": ev.judge_base_url or ""}
+    if named:
+        values["calibration"] = spec.calibration
+    if ev.judge_model:
+        values["judge_model"] = ev.judge_model
+    return values
+
+
+def show_watched(rid: str | None) -> None:
+    """Put the watched run's settings (and data folder) into the form when the watched run changes, or when the
+    page's widgets were reset by a visit to another page; what the user edits afterwards stays."""
+    if not rid or (st.session_state.get("shown_run") == rid and "model" in st.session_state):
+        return
+    st.session_state["shown_run"] = rid
+    try:
+        spec, job = db.spec(rid), db.latest_job(rid)
+    except (StoreError, SpecError):
+        return
+    st.session_state.update(values_of(spec), use_judge=bool(spec.evaluation.judge_model))
+    if job and job.get("data_dir"):
+        st.session_state["data_dir"] = job["data_dir"]
+    st.session_state["sources_of"] = st.session_state.get("data_dir", "")
+
+
+def start_values(status: dict[str, str]) -> None:
+    """A fresh form: FORM_DEFAULT, each picker on its default source when that loads now, else the first that does."""
+    values = {"judge_model": JUDGE_DEFAULT, **values_of(FORM_DEFAULT), "use_judge": False,
+              "data_dir": data_dir() or ""}
+    for key, names in PICKERS.items():
+        usable = [n for n in names if status.get(n, "offline") != "unavailable"]
+        if values[key] not in usable:
+            values[key] = usable[0] if usable else values[key]
+    for key, value in values.items():
+        st.session_state.setdefault(key, value)
+    st.session_state.setdefault("sources_of", values["data_dir"])
+
+
+def data_folder() -> None:
+    """The data folder field: says what a folder holds (or why it is no data folder), and when it changes moves
+    each picker to the folder's source for it (its default set first), so the built-in demo data is never kept
+    silently."""
+    with st.expander("Data folder", expanded=False):
+        st.text_input("Folder with local data files (laid out like ../shared/data)", key="data_dir",
+                      help="Named sources are read from here, else from the hub.")
+    folder = st.session_state.get("data_dir", "").strip()
+    if not folder:
+        return
+    try:
+        found = data_dir_sources(folder)
+    except SpecError as err:
+        st.error(str(err))
+        return
+    st.caption(f"Data folder {folder} holds {', '.join(found)}.")
+    if st.session_state.get("sources_of") == folder:
+        return
+    st.session_state["sources_of"] = folder
+    default = values_of(FORM_DEFAULT)
+    for key, names in PICKERS.items():
+        here = [n for n in names if n in found]
+        if here:
+            st.session_state[key] = default[key] if default[key] in here else here[0]
+
+
+def source_choice(label: str, key: str, status: dict[str, str], allow_skip: bool) -> str | None:
     """A selectbox of named sources that says which cannot load now, instead of failing in the worker later."""
-    options = ([NONE] if allow_skip else []) + names
-    usable = [n for n in names if status.get(n, "offline") != "unavailable"]
-    start = default if default in usable else (usable[0] if usable else options[0])
-    choice = st.selectbox(label, options, index=options.index(start), key=key,
+    options = ([NONE] if allow_skip else []) + PICKERS[key]
+    choice = st.selectbox(label, options, key=key,
                           format_func=lambda n: n + STATUS_WORDS.get(status.get(n, "offline"), ""))
     return None if choice == NONE else choice
 
 
-def form() -> RunSpec | None:
+def form(status: dict[str, str]) -> RunSpec | None:
     """The experiment form; returns a spec when submitted."""
-    with st.expander("Data folder", expanded=False):
-        st.text_input("Folder with local data files (the names of ../shared/data)", key="data_dir",
-                      value=data_dir() or "", help="Named sources are read from here, else from the hub.")
-    status = service.source_status(data_dir())
-    texts, records = service.sources_of_kind("texts"), service.sources_of_kind("records")
+    state = st.session_state
+    patterns = list(dict.fromkeys([*PATTERNS, state["pattern"]]))
     with st.form("run"):
         left, right = st.columns(2)
         with left:
             st.subheader("Pruning")
-            model = st.text_input("Model", value=DEFAULT_MODEL,
+            model = st.text_input("Model", key="model",
                                   help=f"{DEFAULT_MODEL} (embedded), a Hugging Face id such as "
                                        "meta-llama/Llama-2-7b-hf, or a local folder")
-            method = st.selectbox("Method", METHODS, index=METHODS.index("wanda"))
-            pattern = st.selectbox("Pattern", PATTERNS)
-            sparsity = st.slider("Sparsity (N:M patterns use N/M)", 0.05, 0.95, 0.5, 0.05)
-            calibration = source_choice("Calibration data", [*texts, *records, "self"], "c4",
-                                        {**status, "self": "offline"}, False, "calibration")
-            calibration_file = st.text_input("... or a local calibration file (.jsonl/.json/.txt/.parquet/.pt)")
+            method = st.selectbox("Method", METHODS, key="method")
+            pattern = st.selectbox("Pattern", patterns, key="pattern")
+            sparsity = st.slider("Sparsity (N:M patterns use N/M)", 0.0, 0.99, step=0.01, key="sparsity")
+            calibration = source_choice("Calibration data", "calibration", {**status, "self": "offline"}, False)
+            calibration_file = st.text_input("... or a local calibration file (.jsonl/.json/.txt/.parquet/.pt)",
+                                             key="calibration_file")
             a, b, c = st.columns(3)
-            nsamples = a.number_input("Samples", 1, 4096, 32)
-            seqlen = b.number_input("Sequence length", 8, 32768, 256)
-            seed = c.number_input("Seed", 0, 2**31 - 1, 0)
+            nsamples = a.number_input("Samples", min_value=1, key="nsamples")
+            seqlen = b.number_input("Sequence length", min_value=2, key="seqlen")
+            seed = c.number_input("Seed", min_value=0, key="seed")
         with right:
             st.subheader("Evaluation")
-            ppl = source_choice("Perplexity data", texts, "wikitext2", status, True, "ppl")
-            jsd = source_choice("JS divergence data (teacher forcing)", records, "alpaca", status, True, "jsd")
-            tasks = source_choice("Task data (generated answers)", records, "unnatural", status, True, "tasks")
+            ppl = source_choice("Perplexity data", "ppl", status, True)
+            jsd = source_choice("JS divergence data (teacher forcing)", "jsd", status, True)
+            tasks = source_choice("Task data (generated answers)", "tasks", status, True)
             a, b, c = st.columns(3)
-            limit = a.number_input("Examples", 1, 100000, 50)
-            ppl_windows = b.number_input("Perplexity windows", 1, 100000, 10)
-            ppl_seqlen = c.number_input("Perplexity length", 8, 32768, 512)
-            max_new_tokens = st.number_input("Max new tokens", 1, 2048, 32)
-            use_judge = st.toggle("LLM judge (OpenAI-compatible; key from OPENAI_API_KEY)")
-            judge_model = st.text_input("Judge model", value="gpt-4o-mini")
-            judge_url = st.text_input("Judge endpoint (empty: $OPENAI_BASE_URL or OpenAI)")
+            limit = a.number_input("Examples", min_value=1, key="limit")
+            ppl_windows = b.number_input("Perplexity windows", min_value=1, key="ppl_windows")
+            ppl_seqlen = c.number_input("Perplexity length", min_value=2, key="ppl_seqlen")
+            max_new_tokens = st.number_input("Max new tokens", min_value=1, key="max_new_tokens")
+            use_judge = st.toggle("LLM judge (OpenAI-compatible; key from OPENAI_API_KEY)", key="use_judge")
+            judge_model = st.text_input("Judge model", key="judge_model")
+            judge_url = st.text_input("Judge endpoint (empty: $OPENAI_BASE_URL or OpenAI)", key="judge_url")
             st.text_input("Its API key, only for another endpoint (kept in this dashboard's memory for the run, "
                           "never written)", type="password", key="judge_key")
         submitted = st.form_submit_button("Prune and evaluate", type="primary")
@@ -77,23 +154,27 @@ def form() -> RunSpec | None:
                  f"({service.configured_judge_endpoint()}), not to {judge_url.strip()}: type that endpoint's own key, "
                  f"or leave the endpoint empty.")
         return None
+    if pattern != "unstructured":
+        n, m = pattern.split(":")
+        sparsity = int(n) / int(m)
     evaluation = EvalSettings(ppl=ppl, ppl_seqlen=int(ppl_seqlen), ppl_windows=int(ppl_windows), jsd=jsd,
                               tasks=tasks, limit=int(limit), max_new_tokens=int(max_new_tokens),
                               judge_model=judge_model.strip() if use_judge else None,
                               judge_base_url=(judge_url.strip() or None) if use_judge else None)
-    return RunSpec(method=method, sparsity=2 / 4 if pattern == "2:4" else 4 / 8 if pattern == "4:8" else sparsity,
-                   model=model.strip(), pattern=pattern, calibration=calibration_file.strip() or calibration,
-                   nsamples=int(nsamples), seqlen=int(seqlen), seed=int(seed), evaluation=evaluation)
+    return RunSpec(method=method, sparsity=sparsity, model=model.strip(), pattern=pattern,
+                   calibration=calibration_file.strip() or calibration, nsamples=int(nsamples), seqlen=int(seqlen),
+                   seed=int(seed), evaluation=evaluation)
 
 
-def eta(row: dict) -> str:
-    """Elapsed time, and the current stage's remaining time from its pace so far."""
-    now = time.time()
-    text = f"elapsed {now - (row['started_at'] or now):.0f} s"
-    done, total, began = row["done"], row["total"], row["stage_started_at"]
-    if done and total and began and done < total:
-        text += f" · about {(now - began) / done * (total - done):.0f} s left in {row['stage']}"
-    return text
+def ended_text(row: dict) -> str:
+    """Why a run stopped and what to do: only an interrupted or cancelled run is worth submitting again as it is."""
+    said = f"{row['state']}: {row['message'] or 'no message'}."
+    if row["state"] in RETRYABLE:
+        return said + " Submit the same settings again to retry."
+    if row["state"] == "failed":
+        return said + (" The same settings would fail the same way: change what the message names in the form "
+                       "above (it shows this run's settings), then submit.")
+    return said
 
 
 def show_summary(detail: dict) -> None:
@@ -133,22 +214,23 @@ def watch(rid: str) -> None:
     st.subheader(f"Run {rid}")
     st.caption(detail["spec"].summary() + f" · {detail['spec'].model}")
     if detail["active"]:
-        total, done = row["total"] or 0, row["done"] or 0
-        st.progress(done / total if total else 0.0, text=f"{row['state']}: {row['stage'] or 'waiting for the worker'}"
-                    + (f" {done}/{total}" if total else "") + (f" · {row['message']}" if row["message"] else ""))
-        st.caption(eta(row) if row["started_at"] else "queued")
+        show_progress(row)
         if st.button("Cancel", key="cancel"):
             st.toast(f"run {rid}: {store().cancel(rid) or 'not running'}")
     elif row["state"] == "done":
         st.success(f"Done{' (served from the store)' if st.session_state.get('cached') == rid else ''}.")
         show_summary(detail)
     else:
-        st.error(f"{row['state']}: {row['message'] or 'no message'}. Submit the same settings again to retry.")
+        st.error(ended_text(row))
         if detail["summary"]:
             show_summary(detail)
 
 
-spec = form()
+show_watched(st.query_params.get("run"))
+status = service.source_status(data_dir())
+start_values(status)
+data_folder()
+spec = form(status)
 if spec is not None:
     try:
         submitted = service.submit(db, spec, data_dir(), judge_key=st.session_state.get("judge_key") or None)

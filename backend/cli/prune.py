@@ -15,10 +15,14 @@ from backend.log import stderr_log
 def cmd_prune(args: argparse.Namespace) -> dict:
     """Prune with progress on stderr, save the folder, and return the spec, the stages and the per-matrix report."""
     from backend import api
+    from backend.runs.checks import check_calibration
     from backend.runs.export import check_target
     from compression.report import peak_rss_mb
 
     check_target(args.save, args.overwrite)  # refused before minutes of pruning, not after
+    check_flags(args)
+    check_calibration(args.model, args.calibration, args.nsamples, args.seqlen, args.template, args.data_dir,
+                      args.trust_remote_code)
     started = time.perf_counter()
     bar = progress_bar(0, f"{args.method} {args.sparsity:g}", unit="layer")
 
@@ -49,19 +53,32 @@ def cmd_prune(args: argparse.Namespace) -> dict:
             "layers": [{k: v for k, v in row.items() if k != "note" or v} for row in report.to_dict()["layers"]]}
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """The checks api.prune makes first, of flags that need nothing read, made before the calibration check so that
+    the one error line names a bad flag rather than what the calibration check found."""
+    from compression.methods import create
+    from compression.orders import check_order
+    from compression.patterns import check_sparsity, parse_pattern
+
+    pattern = parse_pattern(args.pattern)
+    check_sparsity(args.sparsity, pattern)
+    create(args.method, sparsity=args.sparsity, pattern=pattern)
+    check_order(args.order)
+
+
 def cmd_ppl(args: argparse.Namespace) -> dict:
+    from backend.runs.checks import check_perplexity
     from backend.runs.evaluate import perplexity_texts
     from backend.sources import models
-    from compression.calibration import check_shape, model_context
     from metrics.perplexity import perplexity
 
     if args.windows < 0:
         raise ValueError(f"--windows {args.windows} is not allowed: use 0 (all) or a positive number")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} is not allowed: use a positive integer")
+    check_perplexity(args.model, args.data, args.seqlen, args.data_dir, args.trust_remote_code, "data", "seqlen")
     dataset, texts = perplexity_texts(args.data, args.data_dir)
     lm = models.load(args.model, args.device, args.dtype, args.trust_remote_code, log=stderr_log)
-    check_shape(1, args.seqlen, model_context(lm.model.config))
     bar = progress_bar(0, "perplexity", unit="window")
 
     def on_progress(done: int, total: int) -> None:
@@ -76,6 +93,7 @@ def cmd_ppl(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
+    from backend.runs.checks import check_evaluation
     from backend.runs.evaluate import evaluate
     from backend.sources import models
 
@@ -83,6 +101,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     settings.check()
     if args.judge_model and not os.environ.get("OPENAI_API_KEY"):
         raise ValueError("--judge-model needs an API key: set OPENAI_API_KEY (it is never written anywhere)")
+    for model in (args.dense, args.pruned):
+        check_evaluation(model, settings, args.data_dir, args.trust_remote_code)
     started = time.perf_counter()
     dense = models.load(args.dense, args.device, args.dtype, args.trust_remote_code, log=stderr_log)
     pruned = models.load(args.pruned, args.device, args.dtype, args.trust_remote_code, log=stderr_log)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from backend.cli.arguments import spec_from
 from backend.runs.artifacts import MODEL_ARTIFACT, intact, problems
-from backend.runs.service import start, submit
+from backend.runs.service import start, submit, submit_many
 from backend.runs.service import wait as wait_for
 from backend.runs.store import ACTIVE, Store, StoreError
 from backend.runs.worker import serve
@@ -73,7 +73,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
              for method, sparsity, calibration, pattern in itertools.product(
                  args.methods, args.sparsities, args.calibrations, args.patterns)]
     store = Store(args.store)
-    submitted = [submit(store, spec, args.data_dir, args.device) for spec in specs]
+    submitted = submit_many(store, specs, args.data_dir, args.device)
     if not args.detach:
         wait(store, [s["run_id"] for s in submitted if not s["cached"]])
     ids = {s["run_id"] for s in submitted}
@@ -160,13 +160,15 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
 
 def cmd_report(args: argparse.Namespace) -> dict:
-    from backend.reports.html import write_report
+    """Write the HTML report of every run; the result names the protocol groups and which runs each holds."""
+    from backend.reports.html import protocol_groups, write_report
 
     store = Store(args.store)
     rows = store.runs()
     done = [r["run_id"] for r in rows if r["state"] == "done"]
     path = write_report(rows, Path(args.out).expanduser(), {rid: store.layers(rid) for rid in done})
-    return {"out": str(path), "runs": len(rows), "done": len(done), "bytes": path.stat().st_size}
+    return {"out": str(path), "runs": len(rows), "done": len(done), "bytes": path.stat().st_size,
+            "groups": protocol_groups(rows)}
 
 
 def cmd_worker(args: argparse.Namespace) -> dict:

@@ -1,7 +1,9 @@
-"""Comparison charts over plain run rows (dicts): plotly figures and pandas tables, no UI or storage code."""
+"""Comparison charts over plain run rows (dicts): plotly figures and pandas tables, no UI or storage code. Charts
+take the rows of one protocol (`backend.runs.protocol.comparable`); their hovers and axes say how it measured."""
 
 from __future__ import annotations
 
+import html
 import math
 import warnings
 from typing import Iterable, Mapping, Sequence
@@ -11,6 +13,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from scipy import stats
+
+from backend.runs.protocol import METRIC_PART, metric_note
 
 TASKS = ("em", "f1", "rouge1", "judge")
 TASK_LABELS = {"em": "exact match", "f1": "F1", "rouge1": "ROUGE-1", "judge": "judge score"}
@@ -23,14 +27,27 @@ METRICS: dict[str, str] = {
     "ppl_ratio": "perplexity ratio (pruned / dense)",
     "pruned_ppl": "pruned perplexity",
     "jsd": "Jensen-Shannon divergence",
-    "kl_dense_pruned": "KL(dense || pruned)",
-    "kl_pruned_dense": "KL(pruned || dense)",
+    "kl_dense_pruned": "KL(dense‖pruned)",
+    "kl_pruned_dense": "KL(pruned‖dense)",
     "flip_rate": "top-1 flip rate",
     "overall_sparsity": "measured sparsity",
     **{f"{t}_change": f"{TASK_LABELS[t]} change (pruned - dense)" for t in TASKS},
     **{f"{t}_relative": f"{TASK_LABELS[t]} kept (pruned / dense)" for t in TASKS},
     **{f"pruned_{t}": f"pruned {TASK_LABELS[t]}" for t in TASKS},
 }
+# short human names of run-row columns, for table headers and bar labels
+LABELS: dict[str, str] = {
+    "run_id": "run", "model": "model", "method": "method", "sparsity": "target sparsity", "pattern": "pattern",
+    "calibration": "calibration", "overall_sparsity": "measured sparsity", "dense_ppl": "dense perplexity",
+    "pruned_ppl": "pruned perplexity", "ppl_ratio": "perplexity ratio", "jsd": "JS divergence",
+    "kl_dense_pruned": "KL(dense‖pruned)", "kl_pruned_dense": "KL(pruned‖dense)", "flip_rate": "top-1 flip rate",
+    **{f"{side}_{t}": f"{side} {TASK_LABELS[t]}" for t in TASKS for side in ("dense", "pruned")},
+    **{f"{t}_change": f"{TASK_LABELS[t]} change" for t in TASKS},
+    **{f"{t}_relative": f"{TASK_LABELS[t]} kept" for t in TASKS},
+}
+DIVERGENCES = ("jsd", "kl_dense_pruned", "kl_pruned_dense", "answer_jsd")
+LAYER_VALUES: dict[str, str] = {"rel_error": "relative reconstruction error", "sparsity": "sparsity"}
+PX_PER_LAYER = 22
 METHOD_COLOURS = {"magnitude": "#636EFA", "wanda": "#EF553B", "sparsegpt": "#00CC96"}
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "pentagon", "hexagon")
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
@@ -79,6 +96,67 @@ def _colours(methods: Sequence[str]) -> dict[str, str]:
     return {**METHOD_COLOURS, **{m: palette[i % len(palette)] for i, m in enumerate(others)}}
 
 
+def rows_protocol(rows: Rows, protocol: Mapping | None = None) -> Mapping:
+    """`protocol` when given, else the protocol every row shares ({} when they differ or do not say)."""
+    if protocol is not None:
+        return protocol
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame([dict(r) for r in rows])
+    if df.empty or "protocol_key" not in df or "protocol" not in df or df["protocol_key"].nunique(dropna=False) != 1:
+        return {}
+    return df["protocol"].iloc[0] or {}
+
+
+def unit(metric: str, protocol: Mapping) -> str | None:
+    """The unit of a divergence metric (nats or bits) as the protocol records it; None for the other metrics."""
+    if metric not in DIVERGENCES:
+        return None
+    return (protocol.get("divergence") or {}).get("unit")
+
+
+def axis_title(metric: str, protocol: Mapping) -> str:
+    """A metric's axis title with its unit, e.g. 'Jensen-Shannon divergence (nats)'."""
+    name = METRICS.get(metric, LABELS.get(metric, metric))
+    return f"{name} ({unit(metric, protocol)})" if unit(metric, protocol) else name
+
+
+def note_html(metric: str, protocol: Mapping) -> str:
+    """metric_note() as escaped hover text, its unit and its protocol on separate lines."""
+    return html.escape(metric_note(metric, protocol)).replace("; ", "<br>  ")
+
+
+def _nice(step: float) -> float:
+    """The smallest 1, 2 or 5 x 10^k at least `step`."""
+    power = 10.0 ** math.floor(math.log10(step))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= step * (1 - 1e-9))
+
+
+def log_axis(values: Iterable[float], max_ticks: int = 6) -> dict:
+    """Range and ticks of a log axis over the positive values whose labels never overlap: 1-2-5 per decade over a
+    wide range, even steps with just enough decimals over a narrow one (a single run included)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x) and x > 0], dtype=float)
+    if not v.size:
+        return dict(type="log")
+    a, b = math.log10(v.min()), math.log10(v.max())
+    span = max(b - a, 0.02)
+    middle, half = (a + b) / 2, span / 2 + 0.1 * span
+    a, b = middle - half, middle + half
+    lo, hi = 10.0 ** a, 10.0 ** b
+    if b - a > 0.7:
+        for mantissas in ((1, 2, 5), (1, 3), (1,)):
+            ticks = [m * 10.0 ** e for e in range(math.floor(a), math.ceil(b) + 1) for m in mantissas
+                     if lo <= m * 10.0 ** e <= hi]
+            if len(ticks) <= max_ticks:
+                break
+        ticks = ticks[::math.ceil(len(ticks) / max_ticks)]
+        text = [format(t, "g").replace("e+0", "e").replace("e+", "e") for t in ticks]
+    else:
+        step = _nice((hi - lo) / (max_ticks - 1))
+        ticks = [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+        decimals = max(0, -math.floor(math.log10(step)))
+        text = [f"{t:.{decimals}f}" for t in ticks]
+    return dict(type="log", range=[a, b], tickvals=ticks, ticktext=text)
+
+
 def _empty(title: str, message: str) -> go.Figure:
     """A blank figure with a centred message, for charts with nothing to show."""
     fig = go.Figure()
@@ -87,9 +165,10 @@ def _empty(title: str, message: str) -> go.Figure:
     return fig
 
 
-def _hover(row: pd.Series, task: str) -> str:
-    """Hover text of one run: identity, settings and the key metrics."""
+def _hover(row: pd.Series, task: str, js_unit: str | None = None) -> str:
+    """Hover text of one run: identity, settings and the key metrics (divergences in `js_unit`)."""
     label = TASK_LABELS.get(task, task)
+    in_unit = f" {js_unit}" if js_unit else ""
     return "<br>".join([
         f"<b>{row['run_id']}</b> {row['model'] or ''}",
         f"{row['method']} · {row['pattern'] or MISSING} · sparsity {_fmt(row['sparsity'], '.2f')}"
@@ -98,7 +177,7 @@ def _hover(row: pd.Series, task: str) -> str:
         f" · seed {_fmt(row['seed'], '.0f')}",
         f"ppl {_fmt(row['dense_ppl'], '.2f')} → {_fmt(row['pruned_ppl'], '.2f')} (x{_fmt(row['ppl_ratio'], '.3f')})",
         f"JSD {_fmt(row['jsd'], '.4f')} · KL d‖p {_fmt(row['kl_dense_pruned'], '.3f')}"
-        f" · KL p‖d {_fmt(row['kl_pruned_dense'], '.3f')} · flips {_fmt(row['flip_rate'], '.3f')}",
+        f" · KL p‖d {_fmt(row['kl_pruned_dense'], '.3f')}{in_unit} · flips {_fmt(row['flip_rate'], '.3f')}",
         f"{label} {_fmt(row[f'dense_{task}'], '.3f')} → {_fmt(row[f'pruned_{task}'], '.3f')}"
         f" (kept {_fmt(row[f'{task}_relative'], '.0%')})",
     ])
@@ -109,15 +188,20 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
 
 
-def tradeoff_scatter(rows: Rows, task: str = "f1") -> go.Figure:
-    """Perplexity ratio (log x) vs JSD of done runs: colour = method, symbol = calibration, size = sparsity,
-    label = task score kept (pruned / dense). customdata[0] of each point is its run_id."""
+def tradeoff_scatter(rows: Rows, task: str = "f1", protocol: Mapping | None = None) -> go.Figure:
+    """Perplexity ratio (log x) vs JSD of done runs of one protocol (default: the one the rows share): colour =
+    method, symbol = calibration, size = sparsity, label = task score kept (pruned / dense); hovers and axes say
+    the units and how each was measured. customdata[0] of each point is its run_id."""
     _check_task(task)
     title = f"Perplexity vs divergence (labels: {TASK_LABELS[task]} kept, pruned / dense)"
+    protocol = rows_protocol(rows, protocol)
     df = done(rows)
     df = df[(df["ppl_ratio"] > 0) & df["jsd"].notna()]
     if df.empty:
         return _empty(title, "no finished runs with both perplexity and JSD yet")
+    notes = (f"<br><br><i>x</i>: {note_html('ppl_ratio', protocol)}<br><i>y</i>: {note_html('jsd', protocol)}"
+             f"<br><i>labels</i>: {html.escape(LABELS[f'{task}_relative'])} = pruned / dense "
+             f"{html.escape(TASK_LABELS[task])}, each a {note_html(f'pruned_{task}', protocol)}")
     colours = _colours(df["method"].fillna(MISSING).tolist())
     calibrations = sorted(df["calibration"].fillna(MISSING).unique())
     fig = go.Figure()
@@ -130,21 +214,26 @@ def tradeoff_scatter(rows: Rows, task: str = "f1") -> go.Figure:
                         size=(8 + 24 * group["sparsity"].fillna(0.0)).tolist(), opacity=0.85,
                         line=dict(width=1, color="white")),
             text=[_fmt(v, ".0%") for v in group[f"{task}_relative"]], textposition="top center", textfont_size=10,
-            customdata=[[r] for r in group["run_id"]],
-            hovertext=[_hover(r, task) for _, r in group.iterrows()], hovertemplate="%{hovertext}<extra></extra>",
+            customdata=[[r] for r in group["run_id"]], cliponaxis=False,
+            hovertext=[_hover(r, task, unit("jsd", protocol)) for _, r in group.iterrows()],
+            hovertemplate="%{hovertext}" + notes + "<extra></extra>",
         ))
-    fig.update_layout(title=title, xaxis_title="perplexity ratio (pruned / dense, log)",
-                      yaxis_title="Jensen-Shannon divergence", legend_title_text="method · calibration (size = sparsity)")
-    fig.update_xaxes(type="log")
+    fig.update_layout(title=title, xaxis_title="perplexity ratio (pruned / dense, log scale)",
+                      yaxis_title=axis_title("jsd", protocol),
+                      legend_title_text="method · calibration (size = sparsity)")
+    fig.update_xaxes(**log_axis(df["ppl_ratio"]))
+    fig.update_yaxes(rangemode="tozero")
     return fig
 
 
-def metric_vs_sparsity(rows: Rows, metric: str) -> go.Figure:
-    """One line per method (colour) and calibration (dash) of a metric against target sparsity, done runs only;
-    runs sharing a point are averaged."""
+def metric_vs_sparsity(rows: Rows, metric: str, protocol: Mapping | None = None) -> go.Figure:
+    """One line per method (colour) and calibration (dash) of a metric against target sparsity (in [0, 1]), done
+    runs of one protocol only (default: the one the rows share); runs sharing a point are averaged."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     title = f"{METRICS[metric]} vs sparsity"
+    protocol = rows_protocol(rows, protocol)
+    note = f"<br><br>{note_html(metric, protocol)}" if metric in METRIC_PART else ""
     df = done(rows)
     df = df[df[metric].notna() & df["sparsity"].notna()]
     if df.empty:
@@ -166,14 +255,15 @@ def metric_vs_sparsity(rows: Rows, metric: str) -> go.Figure:
             x=points["sparsity"], y=points["value"], mode="lines+markers", name=name, legendgroup=method,
             line=dict(color=colours[method], dash=DASHES[calibrations.index(calibration) % len(DASHES)]),
             marker=dict(symbol=SYMBOLS[patterns.index(pattern) % len(SYMBOLS)], size=8),
-            customdata=np.column_stack([points["n"], points["runs"]]),
-            hovertemplate=f"{name}<br>sparsity %{{x:.2f}}<br>{metric} %{{y:.4g}}"
-                          "<br>%{customdata[0]} run(s): %{customdata[1]}<extra></extra>",
+            customdata=np.column_stack([points["n"], points["runs"]]), cliponaxis=False,
+            hovertemplate=f"{html.escape(name)}<br>sparsity %{{x:.2f}}<br>{html.escape(axis_title(metric, protocol))}"
+                          " %{y:.4g}<br>%{customdata[0]} run(s): %{customdata[1]}" + note + "<extra></extra>",
         ))
-    fig.update_layout(title=title, xaxis_title="target sparsity", yaxis_title=METRICS[metric],
+    fig.update_layout(title=title, xaxis_title="target sparsity", yaxis_title=axis_title(metric, protocol),
                       legend_title_text="method · calibration")
+    fig.update_xaxes(range=[0, 1], tickformat=".0%", dtick=0.1)
     if metric == "ppl_ratio":
-        fig.update_yaxes(type="log")
+        fig.update_yaxes(**log_axis(averaged["value"]))
     return fig
 
 
@@ -211,13 +301,14 @@ def predictors_chart(table: pd.DataFrame, task: str | None = None) -> go.Figure:
         notes = "; ".join(sorted(set(n for n in table.get("note", []) if n))) or "no runs"
         return _empty(title, f"not enough runs to correlate: {notes}")
     fig = go.Figure()
-    hover = [f"n = {n}" + (f"<br>{note}" if note else "") for n, note in zip(table["n"], table["note"])]
+    hover = [f"n = {n}" + (f"<br>{html.escape(note)}" if note else "") for n, note in zip(table["n"], table["note"])]
+    names = [LABELS.get(m, m) for m in table["metric"]]
     for column, name in (("spearman", "Spearman ρ"), ("kendall", "Kendall τ")):
-        fig.add_trace(go.Bar(x=table["metric"], y=table[column], name=name, hovertext=hover,
-                             text=[_fmt(v, ".2f") for v in table[column]], textposition="outside",
+        fig.add_trace(go.Bar(x=names, y=table[column], name=name, hovertext=hover, customdata=table["metric"],
+                             text=[_fmt(v, ".2f") for v in table[column]], textposition="outside", cliponaxis=False,
                              hovertemplate="%{x}: %{y:.3f}<br>%{hovertext}<extra>" + name + "</extra>"))
-    fig.update_layout(title=title, barmode="group", yaxis_range=[-1.1, 1.1], yaxis_title="rank correlation",
-                      xaxis_title="metric")
+    fig.update_layout(title=title, barmode="group", yaxis_range=[-1.25, 1.25], yaxis_title="rank correlation",
+                      xaxis_title="metric", margin_t=90)
     return fig
 
 
@@ -235,28 +326,35 @@ def _grid(layers: Iterable[Mapping], value: str) -> pd.DataFrame:
     return grid.reindex(index=sorted(grid.index), columns=list(dict.fromkeys(df["module"])))
 
 
-def _heatmap(grid: pd.DataFrame, title: str, **trace) -> go.Figure:
+def _heatmap(grid: pd.DataFrame, title: str, colour_title: str, **trace) -> go.Figure:
+    """A layer x module heatmap tall enough (PX_PER_LAYER per layer, at least 400 px) that every layer reads."""
     fig = go.Figure(go.Heatmap(z=grid.to_numpy(dtype=float), x=[str(m) for m in grid.columns],
                                y=[int(layer) for layer in grid.index], hoverongaps=False,
-                               hovertemplate="layer %{y} · %{x}<br>%{z:.4g}<extra></extra>", **trace))
-    fig.update_layout(title=title, xaxis_title="module", yaxis_title="decoder layer")
-    fig.update_yaxes(autorange="reversed", dtick=1 if len(grid.index) <= 40 else None)
+                               colorbar=dict(title=dict(text=colour_title, side="right")),
+                               hovertemplate=f"layer %{{y}} · %{{x}}<br>{html.escape(colour_title)} %{{z:.4g}}"
+                                             "<extra></extra>", **trace))
+    fig.update_layout(title=title, xaxis_title="module", yaxis_title="decoder layer",
+                      height=max(400, PX_PER_LAYER * len(grid.index) + 160))
+    fig.update_yaxes(autorange="reversed", dtick=1 if len(grid.index) <= 80 else None)
     return fig
 
 
 def layer_heatmap(layers: Iterable[Mapping], value: str = "rel_error", title: str | None = None) -> go.Figure:
-    """Decoder layer (y) x module (x) heatmap of one per-layer value (rel_error or sparsity)."""
-    title = title or f"{value} per layer and module"
+    """Decoder layer (y) x module (x) heatmap of one per-layer value (rel_error or sparsity), its colour bar titled
+    with the value's human name."""
+    name = LAYER_VALUES.get(value, value)
+    title = title or f"{name} per layer and module"
     grid = _grid(layers, value)
     if grid.empty:
         return _empty(title, "no per-layer rows")
-    return _heatmap(grid, title, colorscale="Viridis", colorbar_title=value)
+    return _heatmap(grid, title, name, colorscale="Viridis")
 
 
 def layer_difference(a_layers: Iterable[Mapping], b_layers: Iterable[Mapping], value: str = "rel_error",
                      title: str | None = None) -> go.Figure:
     """Heatmap of a - b over the (layer, module) cells both runs have, diverging colours centred at 0."""
-    title = title or f"{value} difference (a - b) per layer and module"
+    name = LAYER_VALUES.get(value, value)
+    title = title or f"{name} difference (a - b) per layer and module"
     a, b = _grid(a_layers, value), _grid(b_layers, value)
     if a.empty or b.empty:
         return _empty(title, "no per-layer rows in one of the runs")
@@ -265,4 +363,4 @@ def layer_difference(a_layers: Iterable[Mapping], b_layers: Iterable[Mapping], v
     if not layers or not modules:
         return _empty(title, "the two runs share no (layer, module) cell")
     diff = a.loc[layers, modules] - b.loc[layers, modules]
-    return _heatmap(diff, title, colorscale="RdBu_r", zmid=0, colorbar_title="a - b")
+    return _heatmap(diff, title, f"{name}, a - b", colorscale="RdBu_r", zmid=0)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from backend.log import Log
+from backend.runs.progress import TokenSteps
 from backend.runs.spec import EvalSettings
 from backend.sources.datasets import Dataset, load_source
 from backend.sources.models import LoadedModel
@@ -53,6 +54,25 @@ def task_prompts(settings: EvalSettings, tokenizer, records: list[dict]) -> list
     return [render(r) for r in records]
 
 
+def answers_with_progress(lm: LoadedModel, prompts: list[str], settings: EvalSettings, stage: str,
+                          progress: StageProgress) -> list[list[int]]:
+    """Greedy answers' ids, reporting every decoding step in generated tokens of one row, out of prompts x max new
+    tokens (a batch that stops early counts its unused tokens as done)."""
+    total = len(prompts) * settings.max_new_tokens
+    answered = [0]
+
+    def report(tokens: int) -> None:
+        progress(stage, min(max(tokens, answered[0] * settings.max_new_tokens), total), total)
+
+    def batch_done(done: int, _count: int) -> None:
+        answered[0] = done
+        report(steps.tokens)
+
+    steps = TokenSteps(report)
+    return generate_ids(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                        progress=batch_done, streamer=steps)
+
+
 def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: str | None = None,
                  log: Log = lambda _m: None, progress: StageProgress = lambda _stage, _done, _total: None, judge_key: str | None = None) -> dict:
     """What one model scores on its own: perplexity, generated answers (cleaned text and the exact generated ids)
@@ -73,8 +93,7 @@ def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: s
         records = records_of(settings.tasks, data_dir, settings.limit)
         prompts = task_prompts(settings, lm.tokenizer, records)
         started = time.perf_counter()
-        ids = generate_ids(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
-                           progress=lambda d, n: progress(f"answers {side}", d, n))
+        ids = answers_with_progress(lm, prompts, settings, f"answers {side}", progress)
         texts = answer_texts(lm.tokenizer, ids, stop_ids(lm.model, lm.tokenizer))
         out["outputs"] = [clean_output(text) for text in texts]
         out["output_ids"] = ids
@@ -100,6 +119,17 @@ def scored_tokens(tokenizer, ids, mask) -> list[str]:
     return [tokenizer.decode([t]) for t in targets]
 
 
+def hidden_ids(lm: LoadedModel) -> set[int]:
+    """The ids an answer's text leaves out: the tokenizer's special tokens and the model's stop tokens (what
+    `answer_texts` drops from the dense answer), so the pages hide them on the scored tokens too."""
+    return set(lm.tokenizer.all_special_ids) | set(stop_ids(lm.model, lm.tokenizer))
+
+
+def scored_special(ids, mask, hidden: set[int]) -> list[bool]:
+    """For each token of `scored_tokens`, in its order, whether it is one of the `hidden` ids."""
+    return [t in hidden for t in ids[1:][mask[:-1]].tolist()]
+
+
 @dataclass(frozen=True)
 class AnswerDivergence:
     """Dense vs pruned next-token divergence along the pruned model's own answers."""
@@ -107,6 +137,7 @@ class AnswerDivergence:
     jsd: float
     per_sample: list[dict]
     tokens: list[list[str]]
+    special: list[list[bool]]
 
 
 def divergence_on_answers(dense: LoadedModel, pruned: LoadedModel, records: list[dict], answers: list[list[int]],
@@ -119,8 +150,10 @@ def divergence_on_answers(dense: LoadedModel, pruned: LoadedModel, records: list
     sequences, scored = forced_on_ids(prompts, answers)
     result = model_divergence(dense.model, pruned.model, sequences, scored, batch_size=8, log2=settings.log2,
                               progress=progress)
+    hidden = hidden_ids(pruned)
     return AnswerDivergence(result.jsd, result.per_sample,
-                            [scored_tokens(tokenizer, ids, mask) for ids, mask in zip(sequences, scored)])
+                            [scored_tokens(tokenizer, ids, mask) for ids, mask in zip(sequences, scored)],
+                            [scored_special(ids, mask, hidden) for ids, mask in zip(sequences, scored)])
 
 
 def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, data_dir: str | None = None,
@@ -156,11 +189,13 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
         summary["protocol"]["divergence"] = {"source": settings.jsd, "samples": len(records), "template": template,
                                              "scored_tokens": result.scored_tokens, "log": "2" if settings.log2 else "e",
                                              "positions": "response" if settings.response_only else "all"}
+        hidden = hidden_ids(dense)
         for i, (record, ids, mask, sample) in enumerate(zip(records, sequences, scored, result.per_sample)):
             examples.append({"id": f"jsd-{i}", "kind": "divergence", "instruction": record["instruction"],
                              "input": record.get("input", ""), "reference": record["output"],
                              "input_ids": ids.tolist(), "scored": mask.int().tolist(),
-                             "tokens": scored_tokens(tokenizer, ids, mask), **sample})
+                             "tokens": scored_tokens(tokenizer, ids, mask),
+                             "special": scored_special(ids, mask, hidden), **sample})
         log(f"divergence: JS {result.jsd:.4f}, flips {result.flip_rate:.3f} over {result.scored_tokens} tokens")
 
     if settings.tasks:
@@ -179,8 +214,10 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
         answers = divergence_on_answers(dense, pruned, records, pruned_side["output_ids"], settings,
                                         lambda d, n: progress("divergence on answers", d, n))
         summary["answer_jsd"] = answers.jsd
-        for example, tokens, sample in zip(task_examples, answers.tokens, answers.per_sample):
-            example.update(pruned_tokens=tokens, pruned_token_jsd=sample["token_jsd"], answer_jsd=sample["jsd"])
+        for example, tokens, special, sample in zip(task_examples, answers.tokens, answers.special,
+                                                     answers.per_sample):
+            example.update(pruned_tokens=tokens, pruned_special=special, pruned_token_jsd=sample["token_jsd"],
+                           answer_jsd=sample["jsd"])
         if settings.judge_model:
             for side, measured in (("dense", dense_side), ("pruned", pruned_side)):
                 summary[side]["judge"] = measured["judge"]

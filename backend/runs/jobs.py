@@ -15,6 +15,12 @@ from backend.runs import keys
 from backend.runs.artifacts import MODEL_ARTIFACT, describe
 from backend.runs.evaluate import evaluate, measure_side
 from backend.runs.export import save_pruned
+from backend.runs.progress import (
+    Reporter,
+    TokenSteps,
+    measured_rates,
+    plan_for,
+)
 from backend.runs.spec import RunSpec, dense_key
 from backend.runs.store import Store
 from backend.sources import models
@@ -24,32 +30,6 @@ from compression.methods import create
 from compression.patterns import parse_pattern
 from compression.report import Progress, peak_rss_mb
 from metrics.judge import configured_endpoint, same_endpoint
-
-
-class Cancelled(Exception):
-    """The user asked to cancel the job."""
-
-
-@dataclass
-class Reporter:
-    """Writes a job's stage and progress to the store at most every `interval` seconds (always at a stage's
-    start and end) and turns a cancel request into Cancelled."""
-
-    store: Store
-    job_id: int
-    interval: float = 0.5
-    last: float = 0.0
-    stage: str = ""
-
-    def __call__(self, stage: str, done: int | None = None, total: int | None = None, message: str | None = None,
-                 ) -> None:
-        now = time.monotonic()
-        boundary = stage != self.stage or (total is not None and done in (0, total))
-        if not boundary and now - self.last < self.interval:
-            return
-        self.stage, self.last = stage, now
-        if self.store.progress(self.job_id, stage, done, total, message):
-            raise Cancelled(f"cancelled during {stage}")
 
 
 @dataclass
@@ -106,6 +86,13 @@ def check_provenance(expected: dict | None, lm) -> None:
                            f"start the worker on the device the run asks for")
 
 
+def decoder_layers(model: torch.nn.Module) -> int:
+    """How many decoder layers the driver will prune, for the plan (the config's count, else 1)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    return int(getattr(config, "num_hidden_layers", 0) or 1)
+
+
 def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -> None:
     """Run a queued job to the end; raises Cancelled or the error that stopped it."""
     run_id, report = job["run_id"], Reporter(store, job["job_id"])
@@ -114,10 +101,22 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
     report("loading model", message=f"loading {spec.model}")
     dense = cache.get(spec)
     check_provenance(prints.get("provenance"), dense)
+    key = dense_key(spec, prints)
+    params = sum(p.numel() for p in dense.model.parameters())
+    plan = plan_for(spec, params, decoder_layers(dense.model), store.dense_result(key) is not None,
+                    measured_rates(store, spec.model, dense.device.type, spec.calibration == "self"))
+    report.start_plan(plan if job["kind"] == "full" else plan[:3])
     report("calibration", 0, spec.nsamples, message=f"{spec.calibration}: {spec.nsamples} x {spec.seqlen} tokens")
     source = open_source(spec.calibration, data_dir)
+    if spec.calibration == "self":
+        tokens = spec.nsamples * spec.seqlen
+        steps = TokenSteps(lambda n: report("calibration", n, tokens, message=f"the model writes {spec.nsamples} x "
+                                            f"{spec.seqlen} tokens: {n} of {tokens}"))
+    else:
+        steps = None
     calibration = build_calibration(source, dense.model, dense.tokenizer, spec.nsamples, spec.seqlen, spec.seed,
-                                    spec.template, progress=lambda d, n: report("calibration", d, n))
+                                    spec.template, progress=None if steps else
+                                    lambda d, n: report("calibration", d, n), streamer=steps)
     working = cache.working_copy(spec)
     method = create(spec.method, sparsity=spec.sparsity, pattern=parse_pattern(spec.pattern),
                     **({"per_row": True} if spec.per_row else {}))
@@ -131,17 +130,18 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
                          progress=on_layer)
     prune = {**pruned.to_dict(), "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
     layers = prune.pop("layers")
-    report("saving", message="writing the pruned model")
+    report("saving", 0, 1, message="writing the pruned model")
     folder = save_pruned(working.model, working.tokenizer, store.run_folder(run_id) / MODEL_ARTIFACT,
                          {"run_id": run_id, "spec": spec.to_dict(), "report": pruned.to_dict()}, overwrite=True,
                          owned=True)
     store.save_artifact(run_id, MODEL_ARTIFACT, folder, describe(folder))
     if job["kind"] == "rebuild":
+        report("saving", 1, 1)
+        report.finish()
         store.save_layers(run_id, layers)
         log(f"run {run_id}: pruned model rebuilt in {folder}")
         return
     judge_key = offered_judge_key(store, run_id, spec)
-    key = dense_key(spec, prints)
     dense_side = store.dense_result(key)
     reused = dense_side is not None
     if not reused:
@@ -154,5 +154,6 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
     summary, examples = evaluate(dense, lm, spec.evaluation, data_dir, log, report, dense_side=dense_side,
                                  judge_key=judge_key)
     summary["dense_reused"] = reused
+    report.finish()
     store.save_results(run_id, prune, layers, summary, examples)
     log(f"run {run_id}: done")

@@ -70,6 +70,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN stage_started_at REAL;
     """,
+    # 4: the whole job's progress (a fraction of its estimated cost), its estimated seconds left at the last
+    # report, and each finished stage's measured seconds and units, which estimate the next jobs' stages
+    """
+    ALTER TABLE jobs ADD COLUMN overall REAL;
+    ALTER TABLE jobs ADD COLUMN remaining_s REAL;
+    ALTER TABLE jobs ADD COLUMN timings TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from backend.runs import keys
 from backend.runs.artifacts import intact
+from backend.runs.checks import check_specs
 from backend.runs.lock import lock_holder
 from backend.runs.spec import RunSpec, SpecError, fingerprints, run_id
 from backend.runs.store import ACTIVE, Store, StoreError
@@ -27,11 +29,40 @@ from backend.sources.datasets import (
 _children: list[subprocess.Popen] = []
 
 
+@dataclass(frozen=True)
+class Planned:
+    """A submission before it reaches the store: the normalised spec, its fingerprints and id, and whether its judge
+    endpoint is the server's."""
+
+    spec: RunSpec
+    prints: dict
+    run_id: str
+    artifacts_ok: bool | None
+    own_endpoint: bool
+
+
 def submit(store: Store, spec: RunSpec, data_dir: str | None = None, device: str = "auto",
            start_worker: bool = True, judge_key: str | None = None) -> dict:
-    """Queue a spec, or find it already done; returns run_id, state, cached and job_id. Starts a worker (its own
+    """Queue a spec, or find it already done; returns run_id, state, cached and job_id. A spec that would queue
+    work is checked first against the model's config, its tokenizer and the data (backend/runs/checks.py), so a
+    run that would fail on them is refused with a SpecError and nothing is queued. Starts a worker (its own
     program, never a fork of the caller) when there is work and none runs. `judge_key`: the key of a judge endpoint
     that is not the server's; it stays in this process's memory and is handed only to the worker of this run."""
+    return submit_many(store, [spec], data_dir, device, start_worker, judge_key)[0]
+
+
+def submit_many(store: Store, specs: list[RunSpec], data_dir: str | None = None, device: str = "auto",
+                start_worker: bool = True, judge_key: str | None = None) -> list[dict]:
+    """submit for each spec (a sweep's grid), all of them checked before any is queued: one bad spec queues none."""
+    planned = [plan(store, spec, data_dir, device, judge_key) for spec in specs]
+    work = [p for p in planned if not served(store, p)]
+    if work:
+        check_specs([p.spec for p in work], data_dir)
+    return [hand_in(store, p, data_dir, device, start_worker, judge_key) for p in planned]
+
+
+def plan(store: Store, spec: RunSpec, data_dir: str | None, device: str, judge_key: str | None) -> Planned:
+    """Validate a spec and its judge's key, and pin down its identity; queues nothing."""
     spec = spec.normalised()
     own_endpoint = True
     if spec.evaluation.judge_model:
@@ -44,8 +75,21 @@ def submit(store: Store, spec: RunSpec, data_dir: str | None = None, device: str
                             f"key field), or set OPENAI_BASE_URL to it with its OPENAI_API_KEY")
     prints = fingerprints(spec, data_dir, device)
     rid = run_id(spec, prints)
-    submission = store.submit(spec, prints, rid, artifacts_ok=intact(store, rid), data_dir=data_dir)
-    if spec.evaluation.judge_model and not own_endpoint and not submission.cached:
+    return Planned(spec, prints, rid, intact(store, rid), own_endpoint)
+
+
+def served(store: Store, planned: Planned) -> bool:
+    """Whether the store serves this run as it is (finished, its pruned model intact), as Store.submit decides; such
+    a run needs no checks, and stays torch-free."""
+    return store.metrics(planned.run_id) is not None and planned.artifacts_ok is not False
+
+
+def hand_in(store: Store, planned: Planned, data_dir: str | None, device: str, start_worker: bool,
+         judge_key: str | None) -> dict:
+    """Hand a planned run to the store, the judge's own key to its worker, and start a worker when there is work."""
+    spec, rid = planned.spec, planned.run_id
+    submission = store.submit(spec, planned.prints, rid, artifacts_ok=planned.artifacts_ok, data_dir=data_dir)
+    if spec.evaluation.judge_model and not planned.own_endpoint and not submission.cached:
         keys.offer(store.root, rid, judge_key.strip())
     if start_worker and not submission.cached:
         start(store.root, device)

@@ -185,3 +185,9 @@ def dense_key(spec: RunSpec, prints: dict) -> str:
                             "evaluation": asdict(spec.evaluation), "data": data,
                             "provenance": prints.get("provenance")}, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def run_id_of(spec: RunSpec, data_dir: str | None = None, device: str = "auto") -> str:
+    """The id a submission of this spec gets now (normalised, with today's model files, data and provenance)."""
+    spec = spec.normalised()
+    return run_id(spec, fingerprints(spec, data_dir, device))

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from backend.runs.identity import code_version
 from backend.runs.lock import UNKNOWN, lock_holder
+from backend.runs.protocol import protocol_key, protocol_of
 from backend.runs.schema import SCHEMA_VERSION, StoreError, migrate
 from backend.runs.spec import RunSpec
 
@@ -114,15 +115,23 @@ class Store:
             return db.execute("SELECT * FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone()
 
     def progress(self, job_id: int, stage: str, done: int | None = None, total: int | None = None,
-                 message: str | None = None) -> bool:
-        """Record a job's stage and progress (and a heartbeat); returns True when a cancel was asked for."""
+                 message: str | None = None, overall: float | None = None, remaining_s: float | None = None) -> bool:
+        """Record a job's stage and progress, the whole job's fraction done and seconds left (kept while a report
+        has none) and a heartbeat; a new stage drops the last one's message. True when a cancel was asked for."""
         with self.write() as db:
             now = time.time()
             db.execute("UPDATE jobs SET stage_started_at = CASE WHEN stage IS ? THEN stage_started_at ELSE ? END, "
-                       "stage = ?, done = ?, total = ?, message = COALESCE(?, message), heartbeat = ? "
-                       "WHERE job_id = ?", (stage, now, stage, done, total, message, now, job_id))
+                       "message = CASE WHEN stage IS ? THEN COALESCE(?, message) ELSE ? END, "
+                       "stage = ?, done = ?, total = ?, overall = COALESCE(?, overall), "
+                       "remaining_s = COALESCE(?, remaining_s), heartbeat = ? WHERE job_id = ?",
+                       (stage, now, stage, message, message, stage, done, total, overall, remaining_s, now, job_id))
             row = db.execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
+
+    def save_timings(self, job_id: int, timings: dict) -> None:
+        """Each finished stage's measured seconds and work, which estimate later jobs' stages."""
+        with self.write() as db:
+            db.execute("UPDATE jobs SET timings = ? WHERE job_id = ?", (json.dumps(timings), job_id))
 
     def finish(self, job_id: int, state: str, message: str | None = None, worker_pid: int | None = None) -> bool:
         """End a job that is still running under `worker_pid`; False (and nothing written) when it is not, so a
@@ -255,7 +264,7 @@ class Store:
         rows = self.db.execute("""
             SELECT r.run_id, r.spec, r.fingerprints, r.created_at, m.summary, m.prune,
                    j.state, j.stage, j.done, j.total, j.message, j.worker_pid, j.heartbeat, j.started_at,
-                   j.finished_at, j.kind, j.stage_started_at
+                   j.finished_at, j.kind, j.stage_started_at, j.overall, j.remaining_s
             FROM runs r
             LEFT JOIN metrics m ON m.run_id = r.run_id
             LEFT JOIN jobs j ON j.job_id = (SELECT MAX(job_id) FROM jobs WHERE run_id = r.run_id)
@@ -271,7 +280,8 @@ def run_record(row: sqlite3.Row, current_code: str) -> dict:
     """A run as one dict of plain values, the shape charts and tables take; `other_code` marks a run made by
     another version of PruneScope (or with its provenance unknown), which a new submission computes again."""
     spec = json.loads(row["spec"])
-    origin = json.loads(row["fingerprints"]).get("provenance") or {}
+    prints = json.loads(row["fingerprints"])
+    origin = prints.get("provenance") or {}
     summary = json.loads(row["summary"]) if row["summary"] else {}
     prune = json.loads(row["prune"]) if row["prune"] else {}
     state = row["state"] or ("done" if summary else "new")
@@ -283,11 +293,14 @@ def run_record(row: sqlite3.Row, current_code: str) -> dict:
            "message": row["message"], "worker_pid": row["worker_pid"],
            "heartbeat": row["heartbeat"], "created_at": row["created_at"], "started_at": row["started_at"],
            "stage_started_at": row["stage_started_at"], "finished_at": row["finished_at"],
+           "overall": row["overall"], "remaining_s": row["remaining_s"],
            "overall_sparsity": prune.get("overall_sparsity"),
            "jsd": summary.get("jsd"), "kl_dense_pruned": summary.get("kl_dense_pruned"),
            "kl_pruned_dense": summary.get("kl_pruned_dense"), "flip_rate": summary.get("flip_rate"),
            "answer_jsd": summary.get("answer_jsd"), "provenance": origin, "code": origin.get("code"),
            "other_code": origin.get("code") != current_code}
+    out["protocol"] = protocol_of(spec, summary, prints) if summary else {}
+    out["protocol_key"] = protocol_key(out["protocol"])
     for side in ("dense", "pruned"):
         metrics = summary.get(side, {})
         for key in ("ppl", "em", "f1", "rouge1"):

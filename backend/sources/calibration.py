@@ -34,12 +34,13 @@ def open_source(source: str, data_dir: str | None = None) -> Source:
 
 
 def build_calibration(source: Source, model: torch.nn.Module, tokenizer, nsamples: int, seqlen: int, seed: int = 0,
-                      template: str = "alpaca", progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                      template: str = "alpaca", progress: Callable[[int, int], None] | None = None,
+                      streamer=None) -> torch.Tensor:
     """[nsamples, seqlen] token ids: C4-style windows from documents, packed rendered records, the model's own
-    samples ('self'), or saved token ids (.pt / .safetensors)."""
+    samples ('self', each decoding step handed to `streamer`), or saved token ids (.pt / .safetensors)."""
     check_shape(nsamples, seqlen, model_context(model.config))
     if isinstance(source, str):
-        return windows_from_model(model, tokenizer, nsamples, seqlen, seed, progress=progress)
+        return windows_from_model(model, tokenizer, nsamples, seqlen, seed, progress=progress, streamer=streamer)
     if isinstance(source, Path):
         return windows_from_file(source, nsamples, seqlen)
     if source.kind == "records":

@@ -32,7 +32,7 @@ class Dataset:
 
 
 SOURCE_NAMES: tuple[str, ...] = (
-    "c4", "c4-validation", "alpaca", "unnatural", "wikitext2", "demo", "demo-prose", "self"
+    "c4", "c4-validation", "alpaca", "unnatural", "wikitext2", "demo", "demo-prose", "demo-calibration", "self"
 )
 
 LOCAL_FILES: dict[str, str] = {
@@ -48,6 +48,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "demo"
 BUILTIN_FILES: dict[str, str] = {
     "demo": "demo_tasks.jsonl",
     "demo-prose": "demo_prose.txt",
+    "demo-calibration": "demo_calibration.txt",
 }
 
 SOURCE_KINDS: dict[str, Kind] = {
@@ -58,6 +59,7 @@ SOURCE_KINDS: dict[str, Kind] = {
     "wikitext2": "texts",
     "demo": "records",
     "demo-prose": "texts",
+    "demo-calibration": "texts",
 }
 
 

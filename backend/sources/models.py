@@ -12,10 +12,15 @@ from pathlib import Path
 
 import torch
 
+from backend.sources.hub import hub_reachable
 from backend.sources.names import DEFAULT_MODEL, DTYPE_ALIASES, EMBEDDED, model_problem
+from compression.calibration import model_context
 from compression.memory import dimensions, free_bytes
 
 DTYPES = {alias: getattr(torch, name) for alias, name in DTYPE_ALIASES.items()}
+# the GGUF's llama.context_length, known before the embedded model is converted (reading it from the GGUF takes
+# seconds); tests/backend/runs/test_checks.py checks it against the converted config
+EMBEDDED_CONTEXT: dict[str, int] = {DEFAULT_MODEL: 8192}
 
 
 class ModelError(ValueError):
@@ -81,11 +86,18 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
+def converted_folder(name: str) -> Path | None:
+    """The cached Hugging Face folder of an embedded model, or None before its conversion."""
+    folder = cache_dir() / "models" / name
+    return folder if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() else None
+
+
 def ensure_embedded(name: str = DEFAULT_MODEL, log=None) -> Path:
     """Dequantize the embedded GGUF once into a cached fp32 Hugging Face folder and return that folder."""
-    folder = cache_dir() / "models" / name
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    folder = converted_folder(name)
+    if folder is not None:
         return folder
+    folder = cache_dir() / "models" / name
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = embedded_gguf(name)
@@ -112,6 +124,67 @@ def resolve(name_or_path: str, log=None) -> str:
     """A loadable location: the cached folder of an embedded model, a local folder, or a hub id as given."""
     if name_or_path in EMBEDDED:
         return str(ensure_embedded(name_or_path, log=log))
+    return unembedded(name_or_path)
+
+
+def read_config(location: str, trust_remote_code: bool = False):
+    """A local folder's or hub id's config alone (the hub only when it answers), for facts needed before loading."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code,
+                                          local_files_only=cache_only(location))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read the config of model {location!r}: {first_line(err)}") from err
+
+
+def context_length(name_or_path: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence the model's positions allow, from its config alone: no weights are read and the
+    embedded model is not converted for it."""
+    if name_or_path in EMBEDDED:
+        folder = converted_folder(name_or_path)
+        if folder is None:
+            return EMBEDDED_CONTEXT[name_or_path]
+        location = str(folder)
+    else:
+        location = unembedded(name_or_path)
+    return model_context(read_config(location, trust_remote_code))
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The model's tokenizer alone, for counting tokens before anything is queued: no weights are read, and the
+    embedded model's comes from its GGUF until it is converted (the same tokenizer)."""
+    from transformers import AutoTokenizer
+
+    options: dict = {}
+    if name_or_path in EMBEDDED:
+        folder = converted_folder(name_or_path)
+        if folder is None:
+            gguf = embedded_gguf(name_or_path)
+            folder, options = gguf.parent, {"gguf_file": gguf.name}
+        location = str(folder)
+    else:
+        location = unembedded(name_or_path)
+        options = {"local_files_only": cache_only(location)}
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **options)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read the tokenizer of model {name_or_path!r}: {first_line(err)}") from err
+
+
+def cache_only(location: str) -> bool:
+    """Whether a hub id must come from the local Hugging Face cache (the hub does not answer); False for folders."""
+    return not Path(location).exists() and not hub_reachable()
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no text, for one-line messages."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def unembedded(name_or_path: str) -> str:
+    """A local folder or hub id as the loaders take it; ModelError when the name cannot be a model."""
     problem = model_problem(name_or_path)
     if problem:
         raise ModelError(problem)
@@ -122,13 +195,7 @@ def resolve(name_or_path: str, log=None) -> str:
 def check_fits(location: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
                headroom: float = 1.2) -> int:
     """Estimate weight memory from the config and refuse, with the numbers, when it cannot fit."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot read the config of model {location!r}: {first}") from err
+    config = read_config(location, trust_remote_code)
     need = int(dimensions(config).parameters * torch.finfo(dtype).bits // 8 * headroom)
     free = free_bytes(device)
     if need > free:
@@ -154,8 +221,7 @@ def load(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: st
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dt, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load model {name_or_path!r}: {first}") from err
+        raise ModelError(f"cannot load model {name_or_path!r}: {first_line(err)}") from err
     model.to(dev).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

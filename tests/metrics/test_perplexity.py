@@ -22,6 +22,7 @@ def test_matches_direct_loss_and_reports_protocol(tokenizer):
         losses = [model(input_ids=stream[i * 32:(i + 1) * 32][None], labels=stream[i * 32:(i + 1) * 32][None]).loss
                   for i in range(5)]
     assert result.ppl == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-5)
+    assert result.window_nll == pytest.approx([loss.item() for loss in losses], rel=1e-5)
     assert (result.windows, result.seqlen, result.scored_tokens) == (5, 32, 5 * 31)
     assert result.windows_available == stream.numel() // 32 and result.stream_tokens == stream.numel()
 
@@ -48,10 +49,10 @@ def test_bad_arguments(tokenizer):
 
 
 def test_chunked_head_equals_the_models_own_logits(tokenizer):
-    from metrics.perplexity import batch_nll, chunked_head_matches
+    from metrics.perplexity import chunked_head_matches, window_nll
     model = tiny_model("llama", vocab=len(tokenizer))
     ids = token_stream(TEXTS, tokenizer)[:96].reshape(3, 32)
     assert chunked_head_matches(model, ids)
     with torch.no_grad():
-        assert batch_nll(model, ids, chunked=True, rows=10) == pytest.approx(batch_nll(model, ids, chunked=False),
-                                                                           rel=1e-5)
+        chunked, plain = window_nll(model, ids, chunked=True, rows=10), window_nll(model, ids, chunked=False)
+    assert chunked.shape == (3,) and torch.allclose(chunked, plain, rtol=1e-5)

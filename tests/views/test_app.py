@@ -26,7 +26,18 @@ def test_home_on_an_empty_store_offers_the_demo(monkeypatch, tmp_path):
     assert "PruneScope" in at.title[0].value
     assert [m.value for m in at.metric][:2] == ["0", "0"]
     assert any("Start the demo" in b.label for b in at.button)
-    assert any("self" in m.value and "demo-prose" in m.value for m in at.markdown)
+    text = " ".join(m.value for m in [*at.markdown, *at.caption])
+    assert "demo-calibration" in text and "demo-prose" in text and "ship with PruneScope" in text
+    assert "self" not in text.split()
+
+
+def test_home_s_demo_uses_a_data_folder_with_the_paper_s_sets_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNESCOPE_STORE", str(tmp_path))
+    monkeypatch.setenv("PRUNESCOPE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert not at.exception
+    text = " ".join(m.value for m in [*at.markdown, *at.caption])
+    assert "calibrates on C4" in text and "wikitext2" in text and "unnatural" in text and "demo-prose" not in text
 
 
 def test_home_names_the_closest_and_furthest_runs(monkeypatch, filled_store):

@@ -1,7 +1,8 @@
 """End to end in a real browser: the dashboard as its own process on a fresh store, driven by Debian's Chromium
 through Playwright. Submit a tiny run on the Run page, wait for it to finish, then open Compare, Layers and
-Generations; every page renders without an exception and with its charts. Screenshots of each page are saved into
-$PRUNESCOPE_ARTIFACTS, else artifacts/screenshots/."""
+Generations; and Home's demo from an empty store, timed, then every page. Every page renders without an exception
+and with its charts. Screenshots of each page are saved into $PRUNESCOPE_ARTIFACTS (the demo's into
+$PRUNESCOPE_SCREENSHOTS, e.g. docs/screenshots), else artifacts/screenshots/."""
 
 from __future__ import annotations
 
@@ -51,10 +52,12 @@ def artifacts_dir() -> Path:
 
 @pytest.fixture
 def app_server(tmp_path):
-    """`streamlit run app.py` on a free local port with a fresh empty store; yields (base url, store folder)."""
+    """`streamlit run app.py` on a free local port with a fresh empty store and model cache, offline as a new user
+    with no internet would be; yields (base url, store folder)."""
     store = tmp_path / "store"
     port = free_port()
-    env = {**os.environ, "PRUNESCOPE_STORE": str(store)}
+    env = {**os.environ, "PRUNESCOPE_STORE": str(store), "PRUNESCOPE_CACHE": str(tmp_path / "cache"),
+           "HF_HUB_OFFLINE": "1"}
     env.pop("PRUNESCOPE_DATA_DIR", None)
     log_path = tmp_path / "streamlit.log"
     log = open(log_path, "wb")
@@ -256,3 +259,65 @@ def test_submit_a_run_and_browse_every_page(tiny_folder, browser_page, app_serve
               f"page errors: {page_errors or 'none'}; screenshots:")
         for path in shots:
             print(f"  {path}")
+
+
+PAGES = ("run", "runs", "compare", "layers", "generations")
+
+
+@pytest.mark.timeout(600)
+def test_the_demo_from_an_empty_store_and_every_page(browser_page, app_server, capsys):
+    """Home's demo button on an empty store, with a fresh model cache (the embedded model's conversion included)
+    and no data folder: wait for it to finish, watching the overall bar only grow, then open every page."""
+    base, store = app_server
+    page, page_errors = browser_page
+    folder = Path(os.environ.get("PRUNESCOPE_SCREENSHOTS") or artifacts_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    shots: list[Path] = []
+    page.goto(base + "/")
+    wait_idle(page, "PruneScope")
+    assert "ship with PruneScope" in main_text(page)
+    clicked = time.monotonic()
+    page.get_by_role("button", name="Start the demo").click()
+    page.wait_for_url(re.compile(r"/run\?run=[0-9a-f]+"))
+    rid = parse_qs(urlparse(page.url).query)["run"][0]
+    success = page.locator("[data-testid=stAlertContentSuccess]").filter(has_text=re.compile(r"^\s*Done"))
+    failure = page.locator("[data-testid=stAlertContentError]")
+    overall = page.get_by_role("progressbar").first
+    fractions: list[float] = []
+    while not success.count():
+        assert_no_exception(page, "Run")
+        if failure.count():
+            worker_log = store / "worker.log"
+            pytest.fail(f"the demo run {rid} failed: {failure.first.inner_text()}\n"
+                        + (worker_log.read_text()[-3000:] if worker_log.is_file() else ""))
+        assert time.monotonic() - clicked < 540, f"the demo is not done after 540 s: {main_text(page)[-500:]}"
+        try:
+            if overall.count():
+                fractions.append(float(overall.get_attribute("aria-valuenow", timeout=1000) or 0))
+        except Exception:  # noqa: BLE001  (the fragment re-rendered between the count and the read)
+            pass
+        page.wait_for_timeout(250)
+    wall = time.monotonic() - clicked
+    page.wait_for_selector(IDLE, state="attached")
+    assert fractions and max(fractions) > 0, "the overall progress bar never moved"
+    assert fractions == sorted(fractions), f"the overall progress went backwards: {fractions}"
+    shoot(page, folder, "run", shots)
+
+    page.goto(base + "/")
+    wait_idle(page, "PruneScope")
+    assert f"demo run {rid[:8]} is finished" in main_text(page)
+    assert page.locator(f'[data-testid=stPageLink-NavLink][href*="generations?run={rid}"]').count() == 1
+    assert_no_exception(page, "Home")
+    shoot(page, folder, "home", shots)
+    for name in PAGES[1:]:
+        page.goto(f"{base}/{name}?run={rid}")
+        wait_idle(page)
+        if name in ("compare", "layers"):
+            page.locator(PLOTLY).first.wait_for(state="visible", timeout=20_000)
+        assert_no_exception(page, name)
+        assert "<|im_end|>" not in main_text(page), f"the {name} page shows a raw special token"
+        shoot(page, folder, name, shots)
+    with capsys.disabled():
+        print(f"\ndemo run {rid}: {wall:.1f} s from the click to Done (fresh model cache, no data folder); "
+              f"{len(fractions)} readings of the overall bar, last {fractions[-1]:.2f}; page errors: "
+              f"{page_errors or 'none'}; screenshots in {folder}")

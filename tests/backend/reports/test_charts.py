@@ -12,6 +12,7 @@ from scipy import stats
 
 from backend.reports import charts
 from backend.reports.html import write_report
+from backend.runs.protocol import metric_note, part_label, protocol_key
 
 DENSE = {"dense_ppl": 29.2, "dense_em": 0.115, "dense_f1": 0.151, "dense_rouge1": 0.146}
 # (method, sparsity) -> pruned ppl, jsd, flip rate, pruned f1
@@ -116,9 +117,76 @@ def test_predictors_rank_correlation():
 
     chart = charts.predictors_chart(table.reset_index(), task="f1")
     assert [t.name for t in chart.data] == ["Spearman ρ", "Kendall τ"] and chart.layout.barmode == "group"
-    assert list(chart.data[0].x) == list(table.index)
+    assert list(chart.data[0].customdata) == list(table.index)
+    assert list(chart.data[0].x) == ["perplexity ratio", "JS divergence", "KL(dense‖pruned)", "KL(pruned‖dense)",
+                                     "top-1 flip rate"]  # human names, not column names
     assert chart.data[0].y[1] == pytest.approx(1.0)
+    # the labels of bars at ±1 sit outside them: not clipped by the plot area, which leaves room beyond ±1
+    low, high = chart.layout.yaxis.range
+    assert all(t.cliponaxis is False and t.textposition == "outside" for t in chart.data) and low < -1.2 and high > 1.2
     assert charts.predictors_chart(few.reset_index()).data == ()  # nothing to correlate: a message, no bars
+
+
+PROTOCOL = {"ppl": {"source": "wikitext2", "data": "sha256:1", "seqlen": 2048, "windows": 40, "windows_requested": 40},
+            "divergence": {"source": "alpaca", "data": "sha256:2", "records": 100, "template": "chat",
+                           "positions": "response", "unit": "bits", "scored_tokens": 9000},
+            "tasks": {"source": "unnatural", "data": "sha256:3", "examples": 100, "template": "chat",
+                      "max_new_tokens": 32, "decoding": "greedy", "judge": None}}
+
+
+def measured(rows: list[dict], protocol: dict = PROTOCOL) -> list[dict]:
+    """The rows as the store gives them, each with its protocol and key."""
+    return [{**r, "protocol": protocol, "protocol_key": protocol_key(protocol)} for r in rows]
+
+
+def test_the_scatter_says_units_and_protocol_and_keeps_js_at_zero_or_above(rows):
+    fig = charts.tradeoff_scatter(measured(rows), task="f1")
+    assert fig.layout.yaxis.title.text == "Jensen-Shannon divergence (bits)" and fig.layout.yaxis.rangemode == "tozero"
+    assert "log" in fig.layout.xaxis.title.text
+    template = fig.data[0].hovertemplate
+    for part in ("ppl", "divergence", "tasks"):
+        assert part_label(part, PROTOCOL[part]).replace("<", "&lt;") in template
+    assert "pruned / dense perplexity" in template and "bits" in template
+    nats = {**PROTOCOL, "divergence": {**PROTOCOL["divergence"], "unit": "nats"}}
+    assert charts.tradeoff_scatter(rows, "f1", nats).layout.yaxis.title.text == "Jensen-Shannon divergence (nats)"
+    # rows of several protocols share no unit: the chart claims none
+    mixed = measured(rows[:3]) + measured(rows[3:], nats)
+    assert charts.rows_protocol(mixed) == {} and charts.tradeoff_scatter(mixed).layout.yaxis.title.text == (
+        "Jensen-Shannon divergence")
+
+    one = charts.tradeoff_scatter(measured(rows[:1]))
+    assert one.layout.yaxis.rangemode == "tozero" and len(one.data) == 1
+
+
+def ticks_read(axis, values) -> None:
+    """A log axis whose tick labels are distinct, few, inside its range around every value, and spaced apart."""
+    low, high = axis.range
+    positions = [math.log10(t) for t in axis.tickvals]
+    assert axis.type == "log" and 2 <= len(positions) <= 6
+    assert len(set(axis.ticktext)) == len(axis.ticktext) and len(axis.ticktext) == len(positions)
+    assert all(low <= p <= high for p in positions) and all(low < math.log10(v) < high for v in values)
+    assert min(b - a for a, b in zip(positions, positions[1:])) >= 0.05 * (high - low)
+
+
+@pytest.mark.parametrize("ratios", [[1.0017], [1.0008, 1.003], [0.97, 1.2], [1.05, 4.9], [1.0, 9.0], [1.0, 50.0],
+                                    [1.0, 2e4], [3.0]])
+def test_log_ratio_ticks_never_overlap(ratios):
+    made = [run(f"r{i}", "wanda", round(0.3 + 0.1 * i, 1), pruned_ppl=29.2 * r) for i, r in enumerate(ratios)]
+    ticks_read(charts.tradeoff_scatter(made).layout.xaxis, ratios)
+    ticks_read(charts.metric_vs_sparsity(made, "ppl_ratio").layout.yaxis, ratios)
+
+
+def test_curves_keep_sparsity_in_its_range_and_say_units(rows):
+    fig = charts.metric_vs_sparsity(measured(rows), "kl_dense_pruned")
+    assert tuple(fig.layout.xaxis.range) == (0, 1)
+    assert fig.layout.yaxis.title.text == "KL(dense‖pruned) (bits)"
+    note = metric_note("kl_dense_pruned", PROTOCOL)
+    assert all(note.split("; ")[1] in t.hovertemplate and "bits" in t.hovertemplate for t in fig.data)
+    one = charts.metric_vs_sparsity(measured(rows[:1]), "jsd")
+    assert tuple(one.layout.xaxis.range) == (0, 1) and all(t.cliponaxis is False for t in one.data)
+    # measured sparsity is the pruning's own count, not an evaluation: no protocol to name
+    assert "protocol" not in charts.metric_vs_sparsity(measured(rows), "overall_sparsity").data[0].hovertemplate
+    assert "protocol unknown" in charts.metric_vs_sparsity(rows, "jsd").data[0].hovertemplate
 
 
 MODULES = ["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"]
@@ -137,6 +205,7 @@ def test_layer_heatmap_cells():
     assert list(heat.y) == [0, 1, 2] and list(heat.x) == list(reversed(MODULES))  # first-seen module order
     assert z[list(heat.y).index(2), list(heat.x).index("self_attn.k_proj")] == pytest.approx(3 * 2 / 100)
     assert fig.layout.title.text == "run a"
+    assert heat.colorbar.title.text == "relative reconstruction error" and fig.layout.height == 400
     assert np.array(charts.layer_heatmap(layer_rows(1.0), value="sparsity").data[0].z).tolist() == [[0.5] * 3] * 3
     with pytest.raises(ValueError, match="'error'.*rel_error"):
         charts.layer_heatmap(layer_rows(1.0), value="error")
@@ -152,7 +221,14 @@ def test_layer_difference_is_a_minus_b_on_common_cells():
         for j, module in enumerate(heat.x):
             expected = (2.0 - 1.0) * (layer + 1) * (MODULES.index(module) + 1) / 100
             assert z[i, j] == pytest.approx(expected)
-    assert heat.zmid == 0
+    assert heat.zmid == 0 and heat.colorbar.title.text == "relative reconstruction error, a - b"
+
+
+def test_a_deep_model_gets_a_heatmap_tall_enough_for_every_layer_label():
+    fig = charts.layer_heatmap(layer_rows(1.0, layers=30), value="sparsity")
+    assert fig.layout.height >= 30 * charts.PX_PER_LAYER and fig.layout.yaxis.dtick == 1
+    assert fig.data[0].colorbar.title.text == "sparsity"
+    assert charts.layer_difference(layer_rows(1.0, 30), layer_rows(2.0, 30)).layout.height == fig.layout.height
 
 
 def test_write_report_is_self_contained(rows, tmp_path):

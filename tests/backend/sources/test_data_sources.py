@@ -13,6 +13,7 @@ from backend.runs.evaluate import perplexity_texts, records_of
 from backend.sources.calibration import build_calibration, open_source
 from backend.sources.datasets import (
     BUILTIN_DIR,
+    BUILTIN_FILES,
     LOCAL_FILES,
     SOURCE_NAMES,
     Dataset,
@@ -88,7 +89,7 @@ def test_env_data_dir_and_offline_sources(monkeypatch: pytest.MonkeyPatch) -> No
     assert data_dir() == SHARED_DATA
     assert data_dir("/elsewhere") == Path("/elsewhere")
     assert load_source("alpaca", limit=3).origin == str(SHARED_DATA / LOCAL_FILES["alpaca"])
-    assert offline_sources() == [*LOCAL_FILES, "demo", "demo-prose"]
+    assert offline_sources() == [*LOCAL_FILES, *BUILTIN_FILES]
     assert set(offline_sources()) == set(SOURCE_NAMES) - {"self"}
 
 
@@ -220,7 +221,7 @@ def test_named_source_missing_offline_fails_fast(tmp_path: Path) -> None:
     assert time.monotonic() - start < 2.0
     message = assert_one_line(exc)
     assert "'c4'" in message and LOCAL_FILES["c4"] in message and str(tmp_path) in message
-    assert "hub is unreachable" in message and "available offline: demo, demo-prose; point --data-dir" in message
+    assert "hub is unreachable" in message and "available offline: demo, demo-prose, demo-calibration; point --data-dir" in message
 
 
 @needs_shared
@@ -229,7 +230,7 @@ def test_missing_offline_names_what_is_available(tmp_path: Path) -> None:
     (tmp_path / "alpaca" / "alpaca_3717.jsonl").write_bytes((SHARED_DATA / LOCAL_FILES["alpaca"]).read_bytes())
     with pytest.raises(DataSourceError) as exc:
         load_source("wikitext2", data_dir=tmp_path)
-    assert assert_one_line(exc).endswith("available offline: alpaca, demo, demo-prose")
+    assert assert_one_line(exc).endswith("available offline: alpaca, demo, demo-prose, demo-calibration")
 
 
 def test_no_data_dir_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,8 +283,8 @@ def test_demo_limit_keeps_first_items() -> None:
 
 
 def test_demo_ignores_data_dir_and_is_offered_offline(tmp_path: Path) -> None:
-    assert offline_sources(None) == ["demo", "demo-prose"]
-    assert offline_sources(tmp_path / "missing") == ["demo", "demo-prose"]
+    assert offline_sources(None) == list(BUILTIN_FILES)
+    assert offline_sources(tmp_path / "missing") == list(BUILTIN_FILES)
     assert load_source("demo", data_dir=tmp_path / "missing").items == load_source("demo").items
 
 
