@@ -89,7 +89,8 @@ def serve(root: Path, device: str = "auto", idle_exit: float = 60.0, log: Log | 
     if lock is None:
         log("another worker already serves this store; exiting")
         return 0
-    from backend.runs.jobs import Cancelled, ModelCache, execute
+    from backend.runs.jobs import ModelCache, execute
+    from backend.runs.progress import Cancelled
 
     store = Store(root)
     lost = store.recover_stale()
