@@ -8,6 +8,7 @@ import streamlit as st
 
 from backend.runs import service
 from backend.runs.checks import data_dir_sources
+from backend.runs.progress import self_calibration_seconds
 from backend.runs.spec import DEFAULT_MODEL, METHODS, EvalSettings, RunSpec, SpecError
 from backend.runs.store import StoreError
 from views.common import data_dir, fmt, store
@@ -104,9 +105,16 @@ def data_folder() -> None:
 def source_choice(label: str, key: str, status: dict[str, str], allow_skip: bool) -> str | None:
     """A selectbox of named sources that says which cannot load now, instead of failing in the worker later."""
     options = ([NONE] if allow_skip else []) + PICKERS[key]
-    choice = st.selectbox(label, options, key=key,
-                          format_func=lambda n: n + STATUS_WORDS.get(status.get(n, "offline"), ""))
+    choice = st.selectbox(label, options, key=key, format_func=lambda n: n + (
+        self_words() if n == "self" else STATUS_WORDS.get(status.get(n, "offline"), "")))
     return None if choice == NONE else choice
+
+
+def self_words() -> str:
+    """How long the model takes to write its own calibration text for the form's samples and length."""
+    nsamples, seqlen = int(st.session_state.get("nsamples") or 1), int(st.session_state.get("seqlen") or 1)
+    return (f" (the model writes {nsamples} x {seqlen} tokens itself: about "
+            f"{self_calibration_seconds(nsamples, seqlen):.0f} s on a 2-core CPU for the embedded model)")
 
 
 def form(status: dict[str, str]) -> RunSpec | None:

@@ -15,7 +15,7 @@ from backend.runs.store import Store
 # they scale with the parameter count and give way to the rate measured by an earlier job as soon as one exists
 PRIOR_SECONDS = {
     "calibration": 0.02,            # per window, tokenizing text
-    "calibration self": 0.0015,     # per generated token of one row
+    "calibration self": 0.017,      # per generated token of one row (batches of 16 rows)
     "pruning": 0.53 / 8192,         # per decoder layer and calibration token, times the method's cost
     "saving": 6.5,                  # per model
     "perplexity": 1.26 / 512,       # per token
