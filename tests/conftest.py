@@ -162,3 +162,18 @@ def error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def copy_store(source: Path, target: Path) -> Path:
+    """A copy of a store (not its lock) whose artifact rows point into the copy, as its worker would write them."""
+    import shutil
+
+    from backend.runs.store import Store
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.lock"))
+    db = Store(target)
+    with db.write() as conn:
+        for row in conn.execute("SELECT run_id, name FROM artifacts").fetchall():
+            conn.execute("UPDATE artifacts SET path = ? WHERE run_id = ? AND name = ?",
+                         (str((target / "runs" / row["run_id"] / row["name"]).resolve()), row["run_id"], row["name"]))
+    db.close()
+    return target

@@ -21,7 +21,7 @@ from backend.runs.cleanup import human_bytes, store_size
 from backend.runs.protocol import metric_note
 from backend.runs.store import Store
 from backend.runs.worker import stop_worker
-from tests.conftest import ROOT, TINY, TINY_EVAL, backend_cli
+from tests.conftest import ROOT, TINY, TINY_EVAL, backend_cli, copy_store
 from views.common import (
     LN2,
     by_divergence,
@@ -337,20 +337,8 @@ def test_example_filters_and_selection():
     assert selected_run({"selection": {"points": []}}, fig) is None
 
 
-def copied_store(source: Path, target: Path) -> Path:
-    """A copy of a store (not its lock) whose artifact rows point into the copy, as its worker would write them."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.lock"))
-    db = Store(target)
-    with db.write() as conn:
-        for row in conn.execute("SELECT run_id, name FROM artifacts").fetchall():
-            conn.execute("UPDATE artifacts SET path = ? WHERE run_id = ? AND name = ?",
-                         (str((target / "runs" / row["run_id"] / row["name"]).resolve()), row["run_id"], row["name"]))
-    db.close()
-    return target
-
-
 def test_home_shows_the_store_size_and_deletes_a_run(monkeypatch, filled_store, tmp_path):
-    root = copied_store(filled_store, tmp_path / "store")
+    root = copy_store(filled_store, tmp_path / "store")
     db = Store(root)
     size, ids = store_size(db), [r["run_id"] for r in db.runs()]
     at = open_page(monkeypatch, root, "views/home.py")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from backend.runs import cleanup, service
 from backend.runs.protocol import protocol_label
 from backend.runs.store import Store
 from backend.runs.worker import stop_worker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_store
 from views.common import md_escape
 
 
@@ -27,18 +26,6 @@ def clear_caches():
     """AppTest instances share one session id: start each test with empty caches."""
     st.cache_data.clear()
     st.cache_resource.clear()
-
-
-def copy_store(source: Path, target: Path) -> Path:
-    """A copy of a store (not its lock) whose artifact rows point into the copy, as its worker would write them."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.lock"))
-    db = Store(target)
-    with db.write() as conn:
-        for row in conn.execute("SELECT run_id, name FROM artifacts").fetchall():
-            conn.execute("UPDATE artifacts SET path = ? WHERE run_id = ? AND name = ?",
-                         (str((target / "runs" / row["run_id"] / row["name"]).resolve()), row["run_id"], row["name"]))
-    db.close()
-    return target
 
 
 @pytest.fixture(scope="module")

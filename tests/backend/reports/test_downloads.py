@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -19,18 +18,7 @@ from backend.runs import cleanup, service
 from backend.runs.protocol import protocol_label
 from backend.runs.store import Store
 from backend.runs.worker import stop_worker
-
-
-def copy_store(source: Path, target: Path) -> Path:
-    """A copy of a store (not its lock) whose artifact rows point into the copy, as its worker would write them."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.lock"))
-    db = Store(target)
-    with db.write() as conn:
-        for row in conn.execute("SELECT run_id, name FROM artifacts").fetchall():
-            conn.execute("UPDATE artifacts SET path = ? WHERE run_id = ? AND name = ?",
-                         (str((target / "runs" / row["run_id"] / row["name"]).resolve()), row["run_id"], row["name"]))
-    db.close()
-    return target
+from tests.conftest import copy_store
 
 
 @pytest.fixture(scope="module")

@@ -20,19 +20,8 @@ from backend.runs.cleanup import RUN_TABLES, delete_runs, gc, human_bytes, store
 from backend.runs.spec import dense_key
 from backend.runs.store import DB_NAME, Store, StoreError
 from backend.runs.worker import stop_worker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_store
 from tests.conftest import backend_cli as cli
-
-
-def copy_store(source: Path, target: Path) -> Path:
-    """A copy of a store (never its lock), its artifact rows pointing into the copy as the worker would write."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.lock"))
-    db = sqlite3.connect(target / DB_NAME, isolation_level=None)
-    for rid, name in db.execute("SELECT run_id, name FROM artifacts").fetchall():
-        db.execute("UPDATE artifacts SET path = ? WHERE run_id = ? AND name = ?",
-                   (str((target / "runs" / rid / name).resolve()), rid, name))
-    db.close()
-    return target
 
 
 @pytest.fixture()
