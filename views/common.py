@@ -63,6 +63,27 @@ def pick_run(rows: list[dict], key: str = "run", title: str = "Run", optional: b
     return by_id[chosen]
 
 
+def confirmed_delete(rid: str, prefix: str) -> dict | None:
+    """A confirmation tick and a Delete button for one run; the result of `cleanup.delete_runs` once it is deleted,
+    else None (a warning without the tick, the backend's message when it refuses). Widget keys start with `prefix`;
+    the tick is new for each deletion."""
+    from backend.runs import cleanup
+    round_ = st.session_state.setdefault(f"{prefix}-round", 0)
+    sure = st.checkbox("Yes, delete this run for good", key=f"{prefix}-confirm-{round_}")
+    if not st.button("Delete", icon="🗑️", key=f"{prefix}-button"):
+        return None
+    if not sure:
+        st.warning("Tick the confirmation first: deleting cannot be undone.")
+        return None
+    try:
+        result = cleanup.delete_runs(store(), [rid])
+    except StoreError as err:
+        st.error(str(err))
+        return None
+    st.session_state[f"{prefix}-round"] = round_ + 1
+    return result
+
+
 def fmt(value, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 

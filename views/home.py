@@ -9,8 +9,7 @@ from backend.runs import cleanup, service
 from backend.runs.demo import demo
 from backend.runs.protocol import comparable, protocol_label
 from backend.runs.spec import DEFAULT_MODEL, SpecError, run_id_of
-from backend.runs.store import StoreError
-from views.common import data_dir, fmt, label, store
+from views.common import confirmed_delete, data_dir, fmt, label, store
 
 st.title("✂️ PruneScope")
 st.markdown(
@@ -103,17 +102,8 @@ def manage_store(rows: list[dict]) -> None:
     by_id = {r["run_id"]: r for r in rows}
     chosen = st.selectbox("Run to delete", list(by_id), key="delete-run",
                           format_func=lambda rid: f"{label(by_id[rid])} · {by_id[rid]['state']}")
-    round_ = st.session_state.setdefault("delete-round", 0)
-    sure = st.checkbox("Yes, delete this run for good", key=f"delete-confirm-{round_}")
-    if not st.button("Delete", icon="🗑️", key="delete-button"):
-        return
-    if not sure:
-        st.warning("Tick the confirmation first: deleting cannot be undone.")
-        return
-    try:
-        result = cleanup.delete_runs(db, [chosen])
-    except StoreError as err:
-        st.error(str(err))
+    result = confirmed_delete(chosen, "delete")
+    if result is None:
         return
     refused = "; ".join(f"{e['path']} {e['reason']}" for e in result["refused"])
     files = sum(e["bytes"] for e in result["removed"] if e.get("path"))
@@ -123,7 +113,6 @@ def manage_store(rows: list[dict]) -> None:
         f"the database and returned to the disk by `gc`); the store now holds {result['after']['runs']} runs, "
         f"{cleanup.human_bytes(result['after']['total_bytes'])} on disk."
         + (f" Not removed: {refused}." if refused else ""))
-    st.session_state["delete-round"] = round_ + 1
     st.rerun()
 
 

@@ -13,7 +13,7 @@ from backend.reports.rows import runs_table, when
 from backend.runs import cleanup
 from backend.runs.protocol import protocol_label
 from backend.runs.store import ACTIVE, STATES, Store, StoreError
-from views.common import label, md_escape, pick_run, store
+from views.common import confirmed_delete, label, md_escape, pick_run, store
 from views.progress import show_progress
 
 ENDED = ("failed", "interrupted", "cancelled")
@@ -115,25 +115,15 @@ def download_model(row: dict) -> None:
 def delete_run(row: dict) -> None:
     """Delete the run with a confirmation tick; an active run is refused with the backend's message."""
     rid = row["run_id"]
-    round_ = st.session_state.setdefault("runs-delete-round", 0)
     st.caption("Deleting removes the run's results, layers, records, jobs and its folder with the pruned model. "
                "It cannot be undone.")
-    sure = st.checkbox("Yes, delete this run for good", key=f"runs-delete-confirm-{round_}")
-    if not st.button("Delete", icon="🗑️", key="runs-delete"):
-        return
-    if not sure:
-        st.warning("Tick the confirmation first: deleting cannot be undone.")
-        return
-    try:
-        result = cleanup.delete_runs(db, [rid])
-    except StoreError as err:
-        st.error(str(err))
+    result = confirmed_delete(rid, "runs-delete")
+    if result is None:
         return
     refused = "; ".join(f"{e['path']} {e['reason']}" for e in result["refused"])
     st.session_state["runs-notice"] = (
         f"Deleted run {rid}: {cleanup.human_bytes(result['bytes'])} freed ({result['bytes']} bytes); the store now "
         f"holds {result['after']['runs']} runs." + (f" Not removed: {refused}." if refused else ""))
-    st.session_state["runs-delete-round"] = round_ + 1
     st.query_params.pop("run", None)
     st.rerun()
 

@@ -158,12 +158,12 @@ def test_delete_needs_the_tick_and_refuses_an_active_run(monkeypatch, store_with
     gone, busy = ids[1], ids[2]   # ids[0] is the failed run
     assert db.run_folder(gone).is_dir()
     at = open_runs(monkeypatch, root, run=gone)
-    at.button(key="runs-delete").click().run()
+    at.button(key="runs-delete-button").click().run()
     assert at.warning and "Tick the confirmation" in at.warning[0].value
     assert [r["run_id"] for r in db.runs()] == ids and db.run_folder(gone).exists()
 
     at.checkbox(key="runs-delete-confirm-0").check()
-    at.button(key="runs-delete").click().run()
+    at.button(key="runs-delete-button").click().run()
     assert not at.exception, at.exception
     notice = at.success[0].value
     assert notice.startswith(f"Deleted run {gone}: ") and "freed (" in notice and "the store now holds 4 runs" in notice
@@ -188,7 +188,7 @@ def test_delete_needs_the_tick_and_refuses_an_active_run(monkeypatch, store_with
         assert len(bars) == 2 and "pruning: 1/2 decoder layers" in bars[1].proto.text   # the overall bar, then the stage
         assert at.dataframe[0].value.set_index("run").loc[busy, "stage"] == "pruning 1/2"
         at.checkbox(key="runs-delete-confirm-1").check()
-        at.button(key="runs-delete").click().run()
+        at.button(key="runs-delete-button").click().run()
         assert at.error and "has a running job: cancel it first" in at.error[0].value
         assert db.latest_job(busy)["state"] == "running" and db.run_folder(busy).is_dir()
         assert busy in {r["run_id"] for r in db.runs()}
