@@ -39,7 +39,7 @@ def values_of(spec: RunSpec) -> dict:
               "calibration_file": "" if named else spec.calibration, "nsamples": spec.nsamples,
               "seqlen": spec.seqlen, "seed": spec.seed, "ppl": ev.ppl or NONE, "jsd": ev.jsd or NONE,
               "tasks": ev.tasks or NONE, "limit": ev.limit, "ppl_windows": ev.ppl_windows,
-              "ppl_seqlen": ev.ppl_seqlen, "max_new_tokens": ev.max_new_tokens, "judge_url": ev.judge_base_url or ""}
+              "ppl_seqlen": ev.ppl_seqlen, "max_new_tokens": ev.max_new_tokens, "jsd_limit": ev.jsd_limit or 0, "judge_url": ev.judge_base_url or ""}
     if named:
         values["calibration"] = spec.calibration
     if ev.judge_model:
@@ -147,7 +147,9 @@ def form(status: dict[str, str]) -> RunSpec | None:
             limit = a.number_input("Examples", min_value=1, key="limit")
             ppl_windows = b.number_input("Perplexity windows", min_value=1, key="ppl_windows")
             ppl_seqlen = c.number_input("Perplexity length", min_value=2, key="ppl_seqlen")
-            max_new_tokens = st.number_input("Max new tokens", min_value=1, key="max_new_tokens")
+            a, b = st.columns(2)
+            max_new_tokens = a.number_input("Max new tokens", min_value=1, key="max_new_tokens")
+            jsd_limit = b.number_input("JS records (0: as many as Examples)", min_value=0, key="jsd_limit")
             use_judge = st.toggle("LLM judge (OpenAI-compatible; key from OPENAI_API_KEY)", key="use_judge")
             judge_model = st.text_input("Judge model", key="judge_model")
             judge_url = st.text_input("Judge endpoint (empty: $OPENAI_BASE_URL or OpenAI)", key="judge_url")
@@ -167,6 +169,7 @@ def form(status: dict[str, str]) -> RunSpec | None:
         sparsity = int(n) / int(m)
     evaluation = EvalSettings(ppl=ppl, ppl_seqlen=int(ppl_seqlen), ppl_windows=int(ppl_windows), jsd=jsd,
                               tasks=tasks, limit=int(limit), max_new_tokens=int(max_new_tokens),
+                              jsd_limit=int(jsd_limit) or None,
                               judge_model=judge_model.strip() if use_judge else None,
                               judge_base_url=(judge_url.strip() or None) if use_judge else None)
     return RunSpec(method=method, sparsity=sparsity, model=model.strip(), pattern=pattern,

@@ -53,6 +53,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser, template_flag: str) -> N
     parser.add_argument("--jsd", help="instruction records for teacher-forced divergence, e.g. alpaca")
     parser.add_argument("--tasks", help="instruction records for generated answers and EM/F1/ROUGE-1, e.g. unnatural")
     parser.add_argument("--limit", type=int, default=100, help="records for divergence and for tasks (default 100)")
+    parser.add_argument("--jsd-limit", type=int, help="records for divergence when they should differ from --limit")
     parser.add_argument(template_flag, dest="eval_template", default="auto",
                         help="auto (chat template if the model has one), alpaca, unnatural (the paper's "
                              "'{instruction} ###{input} ###Response:'), chat")
@@ -88,7 +89,7 @@ def evaluation_from(args: argparse.Namespace) -> EvalSettings:
     return EvalSettings(ppl=ppl, ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows, jsd=jsd, tasks=tasks,
                         limit=args.limit, template=args.eval_template, response_only=not args.all_tokens,
                         log2=args.log2, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        judge_model=args.judge_model, judge_base_url=args.judge_base_url)
+                        judge_model=args.judge_model, judge_base_url=args.judge_base_url, jsd_limit=args.jsd_limit)
 
 
 def spec_from(args: argparse.Namespace, method: str, sparsity: float, pattern: str, calibration: str) -> RunSpec:

@@ -20,22 +20,47 @@ def fmt(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def with_interval(value, bounds, spec: str = ".3f") -> str:
+    """'0.412 [0.351, 0.470]': a number and its interval, or a dash."""
+    if value is None:
+        return "-"
+    return format(value, spec) + (f" [{format(bounds[0], spec)}, {format(bounds[1], spec)}]" if bounds else "")
+
+
+EVAL_COLUMNS = (("ppl", "perplexity", ".2f"), ("em", "EM", ".3f"), ("f1", "F1", ".3f"), ("rouge1", "ROUGE-1", ".3f"),
+                ("judge", "judge", ".2f"))
+
+
 def print_eval(result: dict) -> None:
-    print(f"{'':<10}{'ppl':>10}{'EM':>8}{'F1':>8}{'ROUGE-1':>9}{'judge':>7}")
-    for side in ("dense", "pruned"):
-        m = result[side]
-        cells = [f"{m[k]:.3f}" if k in m else "-" for k in ("ppl", "em", "f1", "rouge1")]
-        judge_mean = m.get("judge", {}).get("overall")
-        print(f"{side:<10}{cells[0]:>10}{cells[1]:>8}{cells[2]:>8}{cells[3]:>9}"
-              f"{f'{judge_mean:.2f}' if judge_mean is not None else '-':>7}")
+    """Dense, pruned and pruned - dense with their intervals, then the divergences, the flips and the seconds."""
+    intervals = result.get("intervals") or {}
+    shown = [(key, title, spec) for key, title, spec in EVAL_COLUMNS
+             if any(key in result[side] for side in ("dense", "pruned"))]
+    values = {side: {key: (result[side].get("judge") or {}).get("overall") if key == "judge"
+                     else result[side].get(key) for key, _, _ in shown} for side in ("dense", "pruned")}
+    values["pruned - dense"] = {key: None if values["pruned"][key] is None or values["dense"][key] is None
+                                else values["pruned"][key] - values["dense"][key] for key, _, _ in shown}
+    prefix = {"dense": "dense", "pruned": "pruned", "pruned - dense": "delta"}
+    cells = {side: [with_interval(values[side][key], intervals.get(f"{prefix[side]}.{key}"), spec)
+                    for key, _, spec in shown] for side in values}
+    widths = [max(len(title), *(len(cells[side][i]) for side in cells)) + 2 for i, (_, title, _) in enumerate(shown)]
+    print(f"{'':<15}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(shown, widths)))
+    for side in cells:
+        print(f"{side:<15}" + "".join(f"{cell:>{w}}" for cell, w in zip(cells[side], widths)))
     if "jsd" in result:
         p = result["protocol"]["divergence"]
-        print(f"JS {result['jsd']:.4f}  KL(d||p) {result['kl_dense_pruned']:.4f}  KL(p||d) {result['kl_pruned_dense']:.4f}"
-              f"  flip rate {result['flip_rate']:.3f}  ({p['samples']} {p['source']} records, {p['scored_tokens']} "
-              f"{p['positions']} tokens, log base {p['log']})")
+        print("  ".join(f"{name} {with_interval(result[key], intervals.get(key), '.4f')}" for key, name in (
+            ("jsd", "JS"), ("kl_dense_pruned", "KL(d||p)"), ("kl_pruned_dense", "KL(p||d)"), ("flip_rate", "flip rate")))
+              + f"  ({p['samples']} {p['source']} records, {p['scored_tokens']} {p['positions']} tokens, "
+                f"log base {p['log']})")
     if "flips_lost" in result:
         print(f"answers lost {result['flips_lost']}, gained {result['flips_gained']}; JS along the pruned answers "
-              f"{result['answer_jsd']:.4f}")
+              f"{with_interval(result['answer_jsd'], intervals.get('answer_jsd'), '.4f')}")
+    if intervals:
+        units = ", ".join(f"{part}: {unit}" for part, unit in (result.get("interval_units") or {}).items())
+        print(f"[low, high]: {result['confidence']:.0%} {result.get('interval_method', '')} bootstrap intervals, "
+              f"{result['resamples']} resamples, seed {result['seed']}, over the units ({units}); pruned - dense "
+              f"paired over the same units")
     print("seconds: " + "  ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
 
 

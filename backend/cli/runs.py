@@ -45,10 +45,12 @@ def wait(store: Store, run_ids: list[str], quiet: bool = False) -> None:
 
 
 def outcome(store: Store, rid: str, cached: bool = False) -> dict:
+    """A run's state, spec and summary (its intervals, not the per-unit values behind them: `export` writes those)."""
     row = next(r for r in store.runs() if r["run_id"] == rid)
     metrics = store.metrics(rid)
+    summary = {k: v for k, v in (metrics["summary"] if metrics else {}).items() if k != "units"}
     return {"run_id": rid, "state": row["state"], "cached": cached, "message": row["message"],
-            "spec": store.spec(rid).to_dict(), **(metrics["summary"] if metrics else {}),
+            "spec": store.spec(rid).to_dict(), **summary,
             "overall_sparsity": row["overall_sparsity"], "provenance": row["provenance"],
             "other_code": row["other_code"]}
 
@@ -161,12 +163,14 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
 def cmd_report(args: argparse.Namespace) -> dict:
     """Write the HTML report of every run; the result names the protocol groups and which runs each holds."""
+    from backend.findings.evidence import units_of_run
     from backend.reports.html import protocol_groups, write_report
 
     store = Store(args.store)
     rows = store.runs()
     done = [r["run_id"] for r in rows if r["state"] == "done"]
-    path = write_report(rows, Path(args.out).expanduser(), {rid: store.layers(rid) for rid in done})
+    path = write_report(rows, Path(args.out).expanduser(), {rid: store.layers(rid) for rid in done},
+                        units_by_run={rid: units_of_run(store, rid) for rid in done})
     return {"out": str(path), "runs": len(rows), "done": len(done), "bytes": path.stat().st_size,
             "groups": protocol_groups(rows)}
 

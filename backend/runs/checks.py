@@ -141,9 +141,9 @@ def check_evaluation(model: str, settings: EvalSettings, data_dir: str | None = 
     and instruction records for divergence and tasks, each loadable offline."""
     if settings.ppl:
         check_perplexity(model, settings.ppl, settings.ppl_seqlen, data_dir, trust_remote_code)
-    for label, source in (("jsd", settings.jsd), ("tasks", settings.tasks)):
+    for label, source, count in (("jsd", settings.jsd, settings.jsd_records), ("tasks", settings.tasks, settings.limit)):
         if source:
-            check_records(label, source, settings.limit, data_dir)
+            check_records(label, source, count, data_dir)
 
 
 def check_perplexity(model: str, source: str, seqlen: int, data_dir: str | None = None,

@@ -9,6 +9,7 @@ from typing import Callable
 from backend.log import Log
 from backend.runs.progress import TokenSteps
 from backend.runs.spec import EvalSettings
+from backend.runs.uncertainty import uncertainty, units_of
 from backend.sources.datasets import Dataset, load_source
 from backend.sources.models import LoadedModel
 from metrics.divergence import forced_on_ids, model_divergence, teacher_forced
@@ -86,7 +87,9 @@ def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: s
                             source=f"{settings.ppl} ({texts_source.origin})",
                             progress=lambda d, n: progress(f"perplexity {side}", d, n))
         out["ppl"] = result.ppl
-        out["ppl_protocol"] = {k: v for k, v in result.to_dict().items() if k not in ("ppl", "nll", "seconds")}
+        out["ppl_protocol"] = {k: v for k, v in result.to_dict().items()
+                               if k not in ("ppl", "nll", "seconds", "window_nll")}
+        out["ppl_windows"] = result.window_nll
         out["seconds"][f"ppl_{side}"] = time.perf_counter() - started
         log(f"perplexity {side}: {result.ppl:.3f} ({result.windows} x {result.seqlen} tokens)")
     if settings.tasks:
@@ -159,7 +162,8 @@ def divergence_on_answers(dense: LoadedModel, pruned: LoadedModel, records: list
 def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, data_dir: str | None = None,
              log: Log = lambda _m: None, progress: StageProgress = lambda _stage, _done, _total: None,
              dense_side: dict | None = None, judge_key: str | None = None) -> tuple[dict, list[dict]]:
-    """Returns the summary (dense and pruned metrics, divergences, seconds) and the per-example records;
+    """Returns the summary (dense and pruned metrics, divergences, seconds, and each metric's per-unit values with
+    its 95% bootstrap interval, see backend/runs/uncertainty.py) and the per-example records;
     `progress(stage, done, total)` is called as each stage advances. `dense_side`, from `measure_side` on the
     dense model with the same settings, skips recomputing it."""
     settings.check()
@@ -169,6 +173,7 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
     summary: dict = {"dense": {}, "pruned": {}, "seconds": {**dense_side["seconds"], **pruned_side["seconds"]},
                      "protocol": {}}
     examples: list[dict] = []
+    divergence_samples = task_examples = None
     tokenizer = dense.tokenizer
 
     if settings.ppl:
@@ -176,7 +181,7 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
         summary["protocol"]["ppl"] = pruned_side["ppl_protocol"]
 
     if settings.jsd:
-        records = records_of(settings.jsd, data_dir, settings.limit)
+        records = records_of(settings.jsd, data_dir, settings.jsd_records)
         template = template_for(settings, tokenizer, settings.jsd)
         sequences, scored = teacher_forced(records, tokenizer, prompt_renderer(template, tokenizer),
                                            settings.response_only)
@@ -184,6 +189,7 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
         result = model_divergence(dense.model, pruned.model, sequences, scored, batch_size=8, log2=settings.log2,
                                   progress=lambda d, n: progress("divergence", d, n))
         summary["seconds"]["divergence"] = time.perf_counter() - started
+        divergence_samples = result.per_sample
         for key in ("jsd", "kl_dense_pruned", "kl_pruned_dense", "flip_rate"):
             summary[key] = getattr(result, key)
         summary["protocol"]["divergence"] = {"source": settings.jsd, "samples": len(records), "template": template,
@@ -224,4 +230,11 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
                 for example, record in zip(task_examples, measured["judge_records"]):
                     example[f"judge_{side}"] = record
         examples.extend(task_examples)
+    judged = ({side: measured["judge_records"] for side, measured in (("dense", dense_side), ("pruned", pruned_side))}
+              if settings.tasks and settings.judge_model else None)
+    units = units_of(dense_side.get("ppl_windows"), pruned_side.get("ppl_windows"), divergence_samples, task_examples,
+                     judged)
+    started = time.perf_counter()
+    summary.update(uncertainty(units))
+    summary["seconds"]["intervals"] = time.perf_counter() - started
     return summary, examples

@@ -67,7 +67,7 @@ def plan_for(spec: RunSpec, params: int, layers: int, dense_reused: bool, measur
             if ev.judge_model:
                 stages.append(stage(f"judge {side}", ev.limit))
     if ev.jsd:
-        stages.append(stage("divergence", ev.limit))
+        stages.append(stage("divergence", ev.jsd_records))
     if ev.tasks:
         stages.append(stage("divergence on answers", ev.limit))
     return stages

@@ -44,6 +44,12 @@ class EvalSettings:
     batch_size: int = 16
     judge_model: str | None = None
     judge_base_url: str | None = None
+    jsd_limit: int | None = None  # records for the divergence; None: as many as `limit`
+
+    @property
+    def jsd_records(self) -> int:
+        """How many records the divergence reads."""
+        return self.jsd_limit or self.limit
 
     def check(self) -> None:
         """Reject bad values with the field's name and what is allowed."""
@@ -53,6 +59,10 @@ class EvalSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpecError(f"{name.replace('_', '-')} {value!r} is not allowed: use an integer of at least 1")
+        if self.jsd_limit is not None and (not isinstance(self.jsd_limit, int) or isinstance(self.jsd_limit, bool)
+                                           or self.jsd_limit < 1):
+            raise SpecError(f"jsd-limit {self.jsd_limit!r} is not allowed: use an integer of at least 1, or none "
+                            f"(as many as --limit)")
         if not (self.ppl or self.jsd or self.tasks):
             raise SpecError("nothing to evaluate: give at least one of --ppl, --jsd, --tasks")
 

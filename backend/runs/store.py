@@ -24,6 +24,9 @@ DB_NAME = "prunescope.db"
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "interrupted", "cancelled")
 STATES = ACTIVE + FINAL
+# spec fields beyond the filters that decide how the calibration made a pruned model (runs differing only in the
+# calibration source pair up in a study only when these agree)
+RECIPE_FIELDS = ("template", "order", "per_row", "dtype")
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,7 @@ def run_record(row: sqlite3.Row, current_code: str) -> dict:
         state = "done"
     out = {"run_id": row["run_id"], **{k: spec[k] for k in ("model", "method", "sparsity", "pattern", "calibration",
                                                             "nsamples", "seqlen", "seed")},
+           **{k: spec.get(k) for k in RECIPE_FIELDS},
            "state": state, "stage": row["stage"], "done": row["done"], "total": row["total"],
            "message": row["message"], "worker_pid": row["worker_pid"],
            "heartbeat": row["heartbeat"], "created_at": row["created_at"], "started_at": row["started_at"],
@@ -298,7 +302,7 @@ def run_record(row: sqlite3.Row, current_code: str) -> dict:
            "jsd": summary.get("jsd"), "kl_dense_pruned": summary.get("kl_dense_pruned"),
            "kl_pruned_dense": summary.get("kl_pruned_dense"), "flip_rate": summary.get("flip_rate"),
            "answer_jsd": summary.get("answer_jsd"), "provenance": origin, "code": origin.get("code"),
-           "other_code": origin.get("code") != current_code}
+           "other_code": origin.get("code") != current_code, "intervals": summary.get("intervals") or {}}
     out["protocol"] = protocol_of(spec, summary, prints) if summary else {}
     out["protocol_key"] = protocol_key(out["protocol"])
     for side in ("dense", "pruned"):
