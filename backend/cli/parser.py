@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Sequence
 
-from backend.cli import cleanup, prune, runs
+from backend.cli import cleanup, findings, prune, runs
 from backend.cli.arguments import (
     add_calibration_arguments,
     add_eval_arguments,
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--records", help="write one JSON line per example to this file")
     common(ev)
     add_run_parsers(sub)
+    findings.add_parsers(sub)
     return parser
 
 
@@ -140,6 +141,8 @@ COMMANDS = {
     "cancel": (runs.cmd_cancel, lambda r: print(f"run {r['run_id']}: {r['state']}")),
     "delete": (cleanup.cmd_delete, cleanup.print_cleanup),
     "gc": (cleanup.cmd_gc, cleanup.print_cleanup),
+    "findings": (findings.cmd_findings, findings.print_findings),
+    "study": (findings.cmd_study, findings.print_study),
 }
 
 

@@ -1,0 +1,71 @@
+"""Two runs measured on the same units (one protocol), compared directly: the difference of a pruned metric with a
+paired bootstrap interval over the units both were scored on (C4 vs Alpaca calibration of one method, say)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend.findings.evidence import Evidence
+from backend.runs.uncertainty import DIVERGENCES, SETTINGS, TASK_SCORES, UNIT_OF
+from metrics.intervals import Bootstrap, paired_difference
+
+COMPARABLE = ("ppl", *DIVERGENCES, *TASK_SCORES)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """b - a of one metric, its paired interval and the units it was paired over."""
+
+    metric: str
+    a: str
+    b: str
+    point: float
+    interval: list[float] | None
+    units: int
+    unit: str
+
+    def excludes_zero(self) -> int:
+        """+1 when the interval lies above 0, -1 when below, 0 when it holds 0 (or there is none)."""
+        if not self.interval:
+            return 0
+        return 1 if self.interval[0] > 0 else -1 if self.interval[1] < 0 else 0
+
+
+def _path(metric: str) -> tuple[str, ...]:
+    if metric == "ppl":
+        return "ppl", "pruned"
+    if metric in DIVERGENCES:
+        return "divergence", metric
+    if metric in TASK_SCORES:
+        return "tasks", "pruned", metric
+    raise ValueError(f"metric {metric!r} cannot be compared between runs: use one of {', '.join(COMPARABLE)}")
+
+
+def _values(evidence: Evidence, path: tuple[str, ...]) -> list:
+    values = evidence.units
+    for key in path:
+        values = (values or {}).get(key)
+    if values is None:
+        raise ValueError(f"run {evidence.run_id} has no per-unit values of {'/'.join(path[1:])}")
+    return list(values)
+
+
+def difference(a: Evidence, b: Evidence, metric: str, settings: Bootstrap = SETTINGS) -> Difference:
+    """The pruned `metric` of run b minus that of run a (perplexity: over windows; divergences: samples; task scores:
+    examples), paired over the units both scored; the runs must share a protocol, so their units are the same."""
+    path = _path(metric)
+    if a.row.get("protocol_key") != b.row.get("protocol_key"):
+        raise ValueError(f"runs {a.run_id} and {b.run_id} were measured with different protocols: their "
+                         f"{UNIT_OF[path[0]]} are not the same units, so they cannot be paired")
+    x, y = _values(a, path), _values(b, path)
+    if len(x) != len(y):
+        raise ValueError(f"runs {a.run_id} and {b.run_id} hold {len(x)} and {len(y)} {UNIT_OF[path[0]]}")
+    kept = [(float(u), float(v)) for u, v in zip(x, y) if u is not None and v is not None]
+    first, second = [u for u, _ in kept], [v for _, v in kept]
+    kind = "exp_mean" if metric == "ppl" else "mean"
+    statistic = (lambda v: float(np.exp(np.mean(v)))) if kind == "exp_mean" else (lambda v: float(np.mean(v)))
+    point = statistic(second) - statistic(first) if kept else float("nan")
+    return Difference(metric, a.run_id, b.run_id, point, paired_difference(first, second, kind, settings), len(kept),
+                      UNIT_OF[path[0]])
