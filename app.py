@@ -8,6 +8,7 @@ PAGES = [
     st.Page("views/run.py", title="Run", icon="🚀"),
     st.Page("views/runs.py", title="Runs", icon="🗂️"),
     st.Page("views/compare.py", title="Compare", icon="📈"),
+    st.Page("views/findings.py", title="Findings", icon="🔎"),
     st.Page("views/layers.py", title="Layers", icon="🧱"),
     st.Page("views/generations.py", title="Generations", icon="💬"),
 ]

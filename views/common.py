@@ -63,6 +63,43 @@ def pick_run(rows: list[dict], key: str = "run", title: str = "Run", optional: b
     return by_id[chosen]
 
 
+def url_multiselect(field: str, title: str, options: list[str]) -> list[str]:
+    """A multiselect whose choice is the URL's repeated query parameter `field` (empty: every value)."""
+    wanted = [v for v in st.query_params.get_all(field) if v in options]
+    picked = st.multiselect(title, options, default=wanted, key=f"filter-{field}", placeholder="all",
+                            format_func=lambda v: os.path.basename(v.rstrip("/")) or v)
+    if picked != st.query_params.get_all(field):
+        if picked:
+            st.query_params[field] = picked
+        else:
+            st.query_params.pop(field, None)
+    return picked
+
+
+def url_select(title: str, options: list[str], key: str, labels: dict[str, str], default: str | None = None) -> str:
+    """A selectbox whose choice is the URL's query parameter `key` (else `default`, else the first option)."""
+    wanted = st.query_params.get(key, default)
+    chosen = st.selectbox(title, options, index=options.index(wanted) if wanted in options else 0,
+                          key=f"choice-{key}", format_func=lambda v: labels.get(v, v))
+    if st.query_params.get(key) != chosen:
+        st.query_params[key] = chosen
+    return chosen
+
+
+@st.cache_data(show_spinner="Bootstrapping the rank correlations ...", max_entries=32)
+def predictor_ranking(run_ids: tuple[str, ...], task: str, root: str | None = None) -> dict:
+    """The predictors ranking (backend.findings.predictors) of these runs, cached by run ids, task and store: its
+    table, sentence, the runs it used and how many were left out for lack of per-example values."""
+    from backend.findings.evidence import with_units
+    from backend.findings.predictors import ranking
+
+    db = Store(root) if root else store()
+    rows = [r for r in db.runs() if r["run_id"] in set(run_ids)]
+    evidence, left_out = with_units(db, rows)
+    found = ranking(evidence, task)
+    return {"table": found.table, "sentence": found.sentence(), "runs": found.runs, "left_out": len(left_out)}
+
+
 def confirmed_delete(rid: str, prefix: str) -> dict | None:
     """A confirmation tick and a Delete button for one run; the result of `cleanup.delete_runs` once it is deleted,
     else None (a warning without the tick, the backend's message when it refuses). Widget keys start with `prefix`;

@@ -17,52 +17,38 @@ from backend.runs.protocol import (
     part_label,
     protocol_label,
 )
+from backend.findings.predictors import MIN_RUNS
 from views.common import (
     filter_rows,
     filter_value,
     finished_runs_or_stop,
     md_escape,
+    predictor_ranking,
     selected_run,
+    store,
+    url_multiselect,
+    url_select,
 )
 
 FILTERS = {"model": "Model", "method": "Method", "calibration": "Calibration", "sparsity": "Sparsity",
            "pattern": "Pattern"}
 # the relative table's columns, {task} filled with the chosen task score; the others stay on the run's own pages
 TABLE = ["run_id", "model", "method", "sparsity", "pattern", "calibration", "dense_ppl", "pruned_ppl", "ppl_ratio",
-         "jsd", "kl_dense_pruned", "flip_rate", "pruned_{task}", "{task}_relative"]
+         "ppl_ratio_ci", "jsd", "jsd_ci", "kl_dense_pruned", "flip_rate", "pruned_{task}", "{task}_relative",
+         "{task}_change", "{task}_change_ci"]
 # columns left out of the table, and named once above it, when every run shown has the same value
 REPEATED = ("model", "method", "sparsity", "pattern", "calibration", "dense_ppl")
 FORMATS = {"sparsity": "%.2f", "dense_ppl": "%.2f", "pruned_ppl": "%.2f", "ppl_ratio": "%.3f", "jsd": "%.3g",
-           "kl_dense_pruned": "%.3g", "flip_rate": "%.3f", "pruned_{task}": "%.3f", "{task}_relative": "percent"}
-CORRELATION = {"metric": "metric", "spearman": "Spearman ρ", "spearman_p": "p (Spearman)", "kendall": "Kendall τ",
+           "kl_dense_pruned": "%.3g", "flip_rate": "%.3f", "pruned_{task}": "%.3f", "{task}_relative": "percent",
+           "{task}_change": "%+.3f"}
+INTERVAL_HELP = ("95% bootstrap interval, paired over the same units (perplexity: windows; divergence: samples; "
+                 "task scores: examples)")
+CORRELATION = {"metric": "metric", "spearman": "Spearman ρ", "spearman_ci": "ρ 95% interval",
+               "spearman_p": "p (Spearman)", "kendall": "Kendall τ", "kendall_ci": "τ 95% interval",
                "kendall_p": "p (Kendall)", "n": "runs", "note": "note"}
 NUMBERS = ("spearman", "spearman_p", "kendall", "kendall_p")
-MIN_CORRELATED = 3
 
 st.title("📈 Compare")
-
-
-def url_multiselect(field: str, title: str, options: list[str]) -> list[str]:
-    """A multiselect whose choice is the URL's repeated query parameter `field` (empty: every value)."""
-    wanted = [v for v in st.query_params.get_all(field) if v in options]
-    picked = st.multiselect(title, options, default=wanted, key=f"filter-{field}", placeholder="all",
-                            format_func=lambda v: os.path.basename(v.rstrip("/")) or v)
-    if picked != st.query_params.get_all(field):
-        if picked:
-            st.query_params[field] = picked
-        else:
-            st.query_params.pop(field, None)
-    return picked
-
-
-def url_select(title: str, options: list[str], key: str, labels: dict[str, str], default: str | None = None) -> str:
-    """A selectbox whose choice is the URL's query parameter `key` (else `default`, else the first option)."""
-    wanted = st.query_params.get(key, default)
-    chosen = st.selectbox(title, options, index=options.index(wanted) if wanted in options else 0,
-                          key=f"choice-{key}", format_func=lambda v: labels.get(v, v))
-    if st.query_params.get(key) != chosen:
-        st.query_params[key] = chosen
-    return chosen
 
 
 def relative_table(rows: list[dict], task: str, protocol: dict) -> None:
@@ -73,9 +59,13 @@ def relative_table(rows: list[dict], task: str, protocol: dict) -> None:
     shown = table[columns].copy()
     shown["run_id"] = shown["run_id"].str[:8]
     shown["model"] = [os.path.basename(str(m).rstrip("/")) or m for m in shown["model"]]
+    for column in columns:
+        if column.endswith("_ci"):
+            shown[column] = [charts.interval_text(b) for b in shown[column]]
     config = {}
     for template, column in zip(TABLE, columns):
-        note = metric_note(column, protocol) if column in METRIC_PART else None
+        note = (metric_note(column, protocol) if column in METRIC_PART else
+                INTERVAL_HELP if column.endswith("_ci") else None)
         form = FORMATS.get(template)
         config[column] = (st.column_config.NumberColumn(charts.LABELS[column], format=form, help=note) if form else
                           st.column_config.TextColumn(charts.LABELS[column], help=note))
@@ -97,16 +87,23 @@ def relative_table(rows: list[dict], task: str, protocol: dict) -> None:
 
 
 def correlations(rows: list[dict], task: str) -> None:
-    """Rank correlation of each metric with the task drop, when at least MIN_CORRELATED runs allow it."""
-    if len(rows) < MIN_CORRELATED:
-        st.info(f"A rank correlation needs at least {MIN_CORRELATED} runs measured with one protocol; "
-                f"{len(rows)} shown.")
+    """Rank correlation of each metric with the task drop, with bootstrap intervals, when enough runs allow it."""
+    if len(rows) < MIN_RUNS:
+        st.info(f"A rank correlation needs at least {MIN_RUNS} runs measured with one protocol; {len(rows)} shown.")
         return
-    st.caption(f"Rank correlation, across the {len(rows)} runs shown, of each metric with the drop in "
-               f"{charts.TASK_LABELS[task]} (dense - pruned).")
-    predicting = charts.predictors(rows, task)
-    shown = predicting.assign(metric=[charts.LABELS.get(m, m) for m in predicting["metric"]])
+    found = predictor_ranking(tuple(r["run_id"] for r in rows), task, str(store().root))
+    st.caption(f"Rank correlation, across the {len(found['runs'])} runs shown that keep per-example values, of each "
+               f"metric with the drop in {charts.TASK_LABELS[task]} (dense - pruned); intervals: 95% bootstrap over "
+               f"the windows, samples and examples every run was measured on, each run's metrics recomputed."
+               + (f" {found['left_out']} run(s) without per-example values are left out." if found["left_out"] else ""))
+    predicting = found["table"]
+    st.markdown(md_escape(found["sentence"]))
+    shown = predicting.assign(metric=[charts.LABELS.get(m, m) for m in predicting["metric"]],
+                              **{f"{c}_ci": [charts.interval_text([lo, hi], ".2f") for lo, hi in
+                                             zip(predicting[f"{c}_low"], predicting[f"{c}_high"])]
+                                 for c in ("spearman", "kendall")})
     st.dataframe(shown, hide_index=True, width="stretch", key="predictors", placeholder=charts.MISSING,
+                 column_order=list(CORRELATION),
                  column_config={c: st.column_config.NumberColumn(label, format="%.3f") if c in NUMBERS
                                 else st.column_config.Column(label) for c, label in CORRELATION.items()})
     if predicting[["spearman", "kendall"]].notna().any().any():

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import html
 import math
-import warnings
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
-from scipy import stats
 
 from backend.runs.protocol import METRIC_PART, metric_note
+from backend.runs.uncertainty import ROW_INTERVALS
 
 TASKS = ("em", "f1", "rouge1", "judge")
 TASK_LABELS = {"em": "exact match", "f1": "F1", "rouge1": "ROUGE-1", "judge": "judge score"}
@@ -22,7 +21,6 @@ NUMERIC = ("sparsity", "nsamples", "seqlen", "seed", "overall_sparsity", "dense_
            "kl_dense_pruned", "kl_pruned_dense", "flip_rate",
            *(f"{side}_{t}" for t in TASKS for side in ("dense", "pruned")))
 TEXT = ("run_id", "model", "method", "pattern", "calibration", "state")
-PREDICTORS = ("ppl_ratio", "jsd", "kl_dense_pruned", "kl_pruned_dense", "flip_rate")
 METRICS: dict[str, str] = {
     "ppl_ratio": "perplexity ratio (pruned / dense)",
     "pruned_ppl": "pruned perplexity",
@@ -45,6 +43,8 @@ LABELS: dict[str, str] = {
     **{f"{t}_change": f"{TASK_LABELS[t]} change" for t in TASKS},
     **{f"{t}_relative": f"{TASK_LABELS[t]} kept" for t in TASKS},
 }
+LABELS.update({f"{column}_ci": f"{LABELS[column]} 95% interval" for column in list(LABELS)
+               if column in ROW_INTERVALS})
 DIVERGENCES = ("jsd", "kl_dense_pruned", "kl_pruned_dense", "answer_jsd")
 LAYER_VALUES: dict[str, str] = {"rel_error": "relative reconstruction error", "sparsity": "sparsity"}
 PX_PER_LAYER = 22
@@ -73,7 +73,30 @@ def frame(rows: Rows) -> pd.DataFrame:
     for t in TASKS:
         df[f"{t}_change"] = df[f"pruned_{t}"] - df[f"dense_{t}"]
         df[f"{t}_relative"] = _ratio(df[f"pruned_{t}"], df[f"dense_{t}"])
+    intervals = df["intervals"] if "intervals" in df else pd.Series([None] * len(df), index=df.index, dtype=object)
+    for column, key in ROW_INTERVALS.items():
+        df[f"{column}_ci"] = [(i or {}).get(key) if isinstance(i, Mapping) else None for i in intervals]
     return df
+
+
+def interval_text(bounds, spec: str = ".3g") -> str:
+    """'[low, high]' of an interval, or a dash when there is none."""
+    if not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or any(b is None for b in bounds):
+        return MISSING
+    return f"[{format(bounds[0], spec)}, {format(bounds[1], spec)}]"
+
+
+def error_bars(values: Sequence[float], bounds: Sequence) -> dict | None:
+    """Plotly asymmetric error bars from each value's [low, high] (none where a value has no interval); None when no
+    value has one."""
+    plus, minus = [], []
+    for value, bound in zip(values, bounds):
+        ok = isinstance(bound, (list, tuple)) and len(bound) == 2 and value is not None and np.isfinite(value)
+        plus.append(max(bound[1] - value, 0.0) if ok else None)
+        minus.append(max(value - bound[0], 0.0) if ok else None)
+    if all(p is None for p in plus):
+        return None
+    return dict(type="data", symmetric=False, array=plus, arrayminus=minus, thickness=1.2, width=3)
 
 
 def done(rows: Rows) -> pd.DataFrame:
@@ -175,11 +198,14 @@ def _hover(row: pd.Series, task: str, js_unit: str | None = None) -> str:
         f" (measured {_fmt(row['overall_sparsity'], '.3f')})",
         f"calibration {row['calibration'] or MISSING} · {_fmt(row['nsamples'], '.0f')} x {_fmt(row['seqlen'], '.0f')}"
         f" · seed {_fmt(row['seed'], '.0f')}",
-        f"ppl {_fmt(row['dense_ppl'], '.2f')} → {_fmt(row['pruned_ppl'], '.2f')} (x{_fmt(row['ppl_ratio'], '.3f')})",
-        f"JSD {_fmt(row['jsd'], '.4f')} · KL d‖p {_fmt(row['kl_dense_pruned'], '.3f')}"
+        f"ppl {_fmt(row['dense_ppl'], '.2f')} → {_fmt(row['pruned_ppl'], '.2f')} (x{_fmt(row['ppl_ratio'], '.3f')}"
+        f" {interval_text(row['ppl_ratio_ci'])})",
+        f"JSD {_fmt(row['jsd'], '.4f')} {interval_text(row['jsd_ci'])} · KL d‖p {_fmt(row['kl_dense_pruned'], '.3f')}"
         f" · KL p‖d {_fmt(row['kl_pruned_dense'], '.3f')}{in_unit} · flips {_fmt(row['flip_rate'], '.3f')}",
         f"{label} {_fmt(row[f'dense_{task}'], '.3f')} → {_fmt(row[f'pruned_{task}'], '.3f')}"
-        f" (kept {_fmt(row[f'{task}_relative'], '.0%')})",
+        f" (kept {_fmt(row[f'{task}_relative'], '.0%')}; change {_fmt(row[f'{task}_change'], '+.3f')}"
+        f" {interval_text(row[f'{task}_change_ci'])})",
+        "[low, high]: 95% bootstrap intervals (ratio and change paired over the same units)",
     ])
 
 
@@ -215,10 +241,12 @@ def tradeoff_scatter(rows: Rows, task: str = "f1", protocol: Mapping | None = No
                         line=dict(width=1, color="white")),
             text=[_fmt(v, ".0%") for v in group[f"{task}_relative"]], textposition="top center", textfont_size=10,
             customdata=[[r] for r in group["run_id"]], cliponaxis=False,
+            error_x=error_bars(group["ppl_ratio"].tolist(), group["ppl_ratio_ci"].tolist()),
+            error_y=error_bars(group["jsd"].tolist(), group["jsd_ci"].tolist()),
             hovertext=[_hover(r, task, unit("jsd", protocol)) for _, r in group.iterrows()],
             hovertemplate="%{hovertext}" + notes + "<extra></extra>",
         ))
-    fig.update_layout(title=title, xaxis_title="perplexity ratio (pruned / dense, log scale)",
+    fig.update_layout(title=title, xaxis_title="perplexity ratio (pruned / dense, log scale); bars: 95% intervals",
                       yaxis_title=axis_title("jsd", protocol),
                       legend_title_text="method · calibration (size = sparsity)")
     fig.update_xaxes(**log_axis(df["ppl_ratio"]))
@@ -228,7 +256,8 @@ def tradeoff_scatter(rows: Rows, task: str = "f1", protocol: Mapping | None = No
 
 def metric_vs_sparsity(rows: Rows, metric: str, protocol: Mapping | None = None) -> go.Figure:
     """One line per method (colour) and calibration (dash) of a metric against target sparsity (in [0, 1]), done
-    runs of one protocol only (default: the one the rows share); runs sharing a point are averaged."""
+    runs of one protocol only (default: the one the rows share); runs sharing a point are averaged. A point of one
+    run carries its 95% interval as an error bar (an average of several has none)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     title = f"{METRICS[metric]} vs sparsity"
@@ -245,8 +274,11 @@ def metric_vs_sparsity(rows: Rows, metric: str, protocol: Mapping | None = None)
     calibrations = sorted(df["calibration"].unique())
     patterns = sorted(df["pattern"].unique())
     df["run_id"] = df["run_id"].astype(str)
+    df["ci"] = df[f"{metric}_ci"] if f"{metric}_ci" in df else None
     averaged = df.groupby([*keys, "sparsity"], sort=True).agg(value=(metric, "mean"), n=(metric, "size"),
-                                                              runs=("run_id", ", ".join)).reset_index()
+                                                              runs=("run_id", ", ".join),
+                                                              ci=("ci", "first")).reset_index()
+    averaged["ci"] = [ci if n == 1 else None for ci, n in zip(averaged["ci"], averaged["n"])]
     fig = go.Figure()
     for (model, method, calibration, pattern), points in averaged.groupby(keys, sort=True):
         name = " · ".join([*([model] if several_models else []), method, calibration,
@@ -255,9 +287,11 @@ def metric_vs_sparsity(rows: Rows, metric: str, protocol: Mapping | None = None)
             x=points["sparsity"], y=points["value"], mode="lines+markers", name=name, legendgroup=method,
             line=dict(color=colours[method], dash=DASHES[calibrations.index(calibration) % len(DASHES)]),
             marker=dict(symbol=SYMBOLS[patterns.index(pattern) % len(SYMBOLS)], size=8),
-            customdata=np.column_stack([points["n"], points["runs"]]), cliponaxis=False,
+            customdata=np.column_stack([points["n"], points["runs"], [interval_text(c) for c in points["ci"]]]),
+            cliponaxis=False, error_y=error_bars(points["value"].tolist(), points["ci"].tolist()),
             hovertemplate=f"{html.escape(name)}<br>sparsity %{{x:.2f}}<br>{html.escape(axis_title(metric, protocol))}"
-                          " %{y:.4g}<br>%{customdata[0]} run(s): %{customdata[1]}" + note + "<extra></extra>",
+                          " %{y:.4g} %{customdata[2]}<br>%{customdata[0]} run(s): %{customdata[1]}" + note
+                          + "<extra></extra>",
         ))
     fig.update_layout(title=title, xaxis_title="target sparsity", yaxis_title=axis_title(metric, protocol),
                       legend_title_text="method · calibration")
@@ -267,45 +301,25 @@ def metric_vs_sparsity(rows: Rows, metric: str, protocol: Mapping | None = None)
     return fig
 
 
-def predictors(rows: Rows, task: str = "f1") -> pd.DataFrame:
-    """Spearman and Kendall rank correlation, over done runs, of each candidate metric with the task score's drop
-    (dense - pruned); NaN and a note when fewer than 3 runs or a constant input."""
-    _check_task(task)
-    df = done(rows)
-    drop = df[f"dense_{task}"] - df[f"pruned_{task}"]
-    table = []
-    for metric in PREDICTORS:
-        both = pd.DataFrame({"x": df[metric], "y": drop}).dropna()
-        row = {"metric": metric, "spearman": np.nan, "spearman_p": np.nan, "kendall": np.nan, "kendall_p": np.nan,
-               "n": len(both), "note": ""}
-        if len(both) < 3:
-            row["note"] = f"fewer than 3 runs with {metric} and {task}"
-        elif both["x"].nunique() < 2 or both["y"].nunique() < 2:
-            row["note"] = f"constant {metric if both['x'].nunique() < 2 else task + ' drop'} across runs"
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                spearman = stats.spearmanr(both["x"], both["y"])
-                kendall = stats.kendalltau(both["x"], both["y"])
-            row.update(spearman=float(spearman.statistic), spearman_p=float(spearman.pvalue),
-                       kendall=float(kendall.statistic), kendall_p=float(kendall.pvalue))
-        table.append(row)
-    return pd.DataFrame(table, columns=["metric", "spearman", "spearman_p", "kendall", "kendall_p", "n", "note"])
-
-
 def predictors_chart(table: pd.DataFrame, task: str | None = None) -> go.Figure:
-    """Grouped bars of predictors(): Spearman and Kendall per candidate metric, in [-1, 1]."""
+    """Grouped bars of a predictors table (backend.findings.predictors.ranking): Spearman and Kendall per candidate
+    metric, in [-1, 1], each with its bootstrap interval as an error bar."""
     what = f"{TASK_LABELS.get(task, task)} drop" if task else "task drop"
-    title = f"Which metric predicts the {what}? (rank correlation across runs)"
+    title = f"Which metric predicts the {what}? (rank correlation across runs, 95% intervals)"
     if table.empty or table[["spearman", "kendall"]].isna().all().all():
         notes = "; ".join(sorted(set(n for n in table.get("note", []) if n))) or "no runs"
         return _empty(title, f"not enough runs to correlate: {notes}")
     fig = go.Figure()
-    hover = [f"n = {n}" + (f"<br>{html.escape(note)}" if note else "") for n, note in zip(table["n"], table["note"])]
     names = [LABELS.get(m, m) for m in table["metric"]]
     for column, name in (("spearman", "Spearman ρ"), ("kendall", "Kendall τ")):
-        fig.add_trace(go.Bar(x=names, y=table[column], name=name, hovertext=hover, customdata=table["metric"],
-                             text=[_fmt(v, ".2f") for v in table[column]], textposition="outside", cliponaxis=False,
+        values = table[column].astype(float)
+        bounds = [[lo, hi] if np.isfinite(lo) and np.isfinite(hi) else None
+                  for lo, hi in zip(table[f"{column}_low"].astype(float), table[f"{column}_high"].astype(float))]
+        hover = [f"n = {n} runs · 95% interval {interval_text(b, '.2f')}" + (f"<br>{html.escape(note)}" if note else "")
+                 for n, note, b in zip(table["n"], table["note"], bounds)]
+        fig.add_trace(go.Bar(x=names, y=values, name=name, hovertext=hover, customdata=table["metric"],
+                             text=[_fmt(v, ".2f") for v in values], textposition="outside", cliponaxis=False,
+                             error_y=error_bars(values.tolist(), bounds),
                              hovertemplate="%{x}: %{y:.3f}<br>%{hovertext}<extra>" + name + "</extra>"))
     fig.update_layout(title=title, barmode="group", yaxis_range=[-1.25, 1.25], yaxis_title="rank correlation",
                       xaxis_title="metric", margin_t=90)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from backend.findings.evidence import units_of_run
 from backend.reports.html import build_html
 from backend.runs.artifacts import MODEL_ARTIFACT, problems
 from backend.runs.protocol import protocol_label
@@ -93,7 +94,8 @@ def report_html(store: Store, run_id: str, same_protocol: bool = False) -> bytes
     rows = report_rows(store, run_id, same_protocol)
     layers = {r["run_id"]: store.layers(r["run_id"]) for r in rows if r["state"] == "done"}
     what = f"runs measured like {run_id[:8]}" if same_protocol else f"run {run_id[:8]}"
-    return build_html(rows, layers, title=f"PruneScope report: {what}").encode("utf-8")
+    units = {rid: units_of_run(store, rid) for rid in layers}
+    return build_html(rows, layers, title=f"PruneScope report: {what}", units_by_run=units).encode("utf-8")
 
 
 def model_folder(store: Store, run_id: str) -> ModelFolder:

@@ -13,6 +13,8 @@ from typing import Mapping
 import pandas as pd
 import plotly.graph_objects as go
 
+from backend.findings.evidence import Evidence
+from backend.findings.predictors import ranking
 from backend.reports import charts
 from backend.reports.rows import progress_text
 from backend.runs.protocol import groups, protocol_label
@@ -79,9 +81,10 @@ def _pending_table(rows: list[dict]) -> str:
 
 
 def build_html(rows: charts.Rows, layers_by_run: Mapping[str, list[dict]] | None = None,
-               title: str = "PruneScope report") -> str:
+               title: str = "PruneScope report", units_by_run: Mapping[str, Mapping | None] | None = None) -> str:
     """The report page as one HTML string: one section per protocol (largest first) with its own table, charts and
-    correlations, then the unfinished runs and per-layer heatmaps; the first figure carries plotly.js inline."""
+    correlations (with bootstrap intervals over each run's `units_by_run`), then the unfinished runs and per-layer
+    heatmaps; the first figure carries plotly.js inline."""
     plain = _plain(rows)
     finished = [r for r in plain if r.get("state") == "done"]
     pending = [r for r in plain if r.get("state") != "done"]
@@ -107,9 +110,16 @@ def build_html(rows: charts.Rows, layers_by_run: Mapping[str, list[dict]] | None
     for number, group in enumerate(found, 1):
         df = charts.frame([by_id[rid] for rid in group["runs"]])
         task = report_task(df)
-        table = charts.predictors(df, task)
-        shown = table.to_html(index=False, escape=True, na_rep=charts.MISSING, classes="runs", border=0,
-                              float_format=lambda v: f"{v:.3f}")
+        members = [by_id[rid] for rid in group["runs"]]
+        evidence = [Evidence(r, (units_by_run or {})[r["run_id"]]) for r in members
+                    if (units_by_run or {}).get(r["run_id"])]
+        found = ranking(evidence, task)
+        left = len(members) - len(evidence)
+        table = found.table
+        shown = (f"<p>{html.escape(found.sentence())}" + (f" {left} run(s) without per-example values are left out."
+                                                          if left else "") + "</p>\n"
+                 + table.to_html(index=False, escape=True, na_rep=charts.MISSING, classes="runs", border=0,
+                                 float_format=lambda v: f"{v:.3f}"))
         body = "\n".join([
             _section("Runs", f'<div class="scroll">{runs_table(df, task)}</div>', 3),
             _section("Perplexity vs divergence", embed(charts.tradeoff_scatter(df, task)), 3),
@@ -134,11 +144,12 @@ def build_html(rows: charts.Rows, layers_by_run: Mapping[str, list[dict]] | None
 
 
 def write_report(rows: charts.Rows, out_path: str | os.PathLike,
-                 layers_by_run: dict[str, list[dict]] | None = None, title: str = "PruneScope report") -> Path:
+                 layers_by_run: dict[str, list[dict]] | None = None, title: str = "PruneScope report",
+                 units_by_run: Mapping[str, Mapping | None] | None = None) -> Path:
     """Write the report to out_path atomically (temp file in the same folder, then os.replace); returns the path."""
     target = Path(out_path).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    page = build_html(rows, layers_by_run, title)
+    page = build_html(rows, layers_by_run, title, units_by_run)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
