@@ -24,7 +24,7 @@ from backend.runs.spec import CALIBRATION_TEMPLATES, EvalSettings, RunSpec
 from backend.runs.store import Store
 from backend.sources.names import DEFAULT_MODEL
 
-__all__ = ["EvalSettings", "Pruned", "RunSpec", "evaluate", "load", "load_runs", "prune", "submit", "wait"]
+__all__ = ["EvalSettings", "Pruned", "RunSpec", "evaluate", "findings", "load", "load_runs", "prune", "submit", "wait"]
 
 
 @dataclass
@@ -143,3 +143,11 @@ def wait(run_ids: list[str] | str, store: str | Path | None = None) -> list[dict
 def load_runs(store: str | Path | None = None) -> list[dict]:
     """Every run in the store as one dict of plain values (spec, state, key metrics), newest first."""
     return Store(store).runs()
+
+
+def findings(store: str | Path | None = None, model: str | None = None, cohort: str | None = None,
+             task: str = "f1"):
+    """The paper's three claims tested on a cohort of the store's finished runs: `.claims` (each a verdict, its rule,
+    numbers with intervals, the runs used), `.missing` (the runs it lacks) and `.to_dict()`."""
+    from backend.findings.service import build
+    return build(Store(store), model, cohort, task)

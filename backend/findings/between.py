@@ -32,6 +32,14 @@ class Difference:
             return 0
         return 1 if self.interval[0] > 0 else -1 if self.interval[1] < 0 else 0
 
+    def reading(self) -> str:
+        """The difference in words: 'B higher', 'B lower', 'equal on every unit', 'within noise' or 'no interval'."""
+        if not self.interval:
+            return "no interval"
+        if self.interval == [0.0, 0.0]:
+            return "equal on every unit"
+        return {1: "B higher", -1: "B lower", 0: "within noise"}[self.excludes_zero()]
+
 
 def _path(metric: str) -> tuple[str, ...]:
     if metric == "ppl":
@@ -69,3 +77,16 @@ def difference(a: Evidence, b: Evidence, metric: str, settings: Bootstrap = SETT
     point = statistic(second) - statistic(first) if kept else float("nan")
     return Difference(metric, a.run_id, b.run_id, point, paired_difference(first, second, kind, settings), len(kept),
                       UNIT_OF[path[0]])
+
+
+def differences(a: Evidence, b: Evidence, settings: Bootstrap = SETTINGS) -> list[Difference]:
+    """b - a of every pruned metric both runs measured, each with its paired interval."""
+    found = []
+    for metric in COMPARABLE:
+        path = _path(metric)
+        try:
+            _values(a, path), _values(b, path)
+        except ValueError:
+            continue
+        found.append(difference(a, b, metric, settings))
+    return found

@@ -89,7 +89,8 @@ def combine(parts: Sequence[Part]) -> str:
     return HELD if counted and all(v == HELD for v in counted) else INCONCLUSIVE
 
 
-def side(evidence: Evidence, interval_key: str) -> list[float] | None:
+def interval_of(evidence: Evidence, interval_key: str) -> list[float] | None:
+    """A run's stored interval of a metric ('ratio.ppl', 'delta.f1', ...); None when it has none."""
     return (evidence.row.get("intervals") or {}).get(interval_key)
 
 
@@ -121,7 +122,7 @@ def claim_one(cohort: Cohort, task: str, close: float = CLOSE_PPL) -> Finding:
             parts.append(Part(method, INCONCLUSIVE, f"no run of {cell.label()}"))
             continue
         used[method] = run
-        ratio, change = side(run, "ratio.ppl"), side(run, f"delta.{task}")
+        ratio, change = interval_of(run, "ratio.ppl"), interval_of(run, f"delta.{task}")
         numbers = [Number("perplexity ratio (pruned / dense)", point(run, "ppl_ratio"), ratio, [run.run_id]),
                    Number(f"{task} change (pruned - dense)", point(run, f"{task}_change"), change, [run.run_id])]
         if ratio is None or change is None:
@@ -157,14 +158,14 @@ def _magnitude_remark(cohort: Cohort, task: str, others: dict[str, Evidence], mi
     if not others:
         return Part("magnitude (parenthesis)", INCONCLUSIVE, "no SparseGPT or Wanda run to compare it with",
                     counted=False)
-    ratio = side(run, "ratio.ppl")
+    ratio = interval_of(run, "ratio.ppl")
     numbers = [Number("magnitude perplexity ratio", point(run, "ppl_ratio"), ratio, [run.run_id])]
     verdicts = []
     for method, other in others.items():
         gap = difference(other, run, task)
         numbers.append(Number(f"magnitude - {method} pruned {task}", gap.point, gap.interval,
                               [other.run_id, run.run_id]))
-        other_ratio = side(other, "ratio.ppl")
+        other_ratio = interval_of(other, "ratio.ppl")
         higher = ratio is not None and other_ratio is not None and ratio[0] > other_ratio[1]
         verdicts.append(NOT_HELD if gap.excludes_zero() < 0 else HELD if higher else INCONCLUSIVE)
     if NOT_HELD in verdicts:
@@ -220,9 +221,9 @@ def claim_three(cohort: Cohort, task: str) -> Finding:
             continue
         gap = difference(general, specific, task)
         numbers = [Number(f"pruned {task}, C4 calibration", point(general, f"pruned_{task}"),
-                          side(general, f"pruned.{task}"), [general.run_id]),
+                          interval_of(general, f"pruned.{task}"), [general.run_id]),
                    Number(f"pruned {task}, Alpaca calibration", point(specific, f"pruned_{task}"),
-                          side(specific, f"pruned.{task}"), [specific.run_id]),
+                          interval_of(specific, f"pruned.{task}"), [specific.run_id]),
                    Number(f"Alpaca - C4 (paired over {gap.units} {gap.unit})", gap.point, gap.interval,
                           [general.run_id, specific.run_id])]
         sign = gap.excludes_zero()

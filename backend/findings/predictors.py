@@ -23,6 +23,7 @@ PREDICTORS = ("ppl_ratio", *DIVERGENCES)
 NAMES = {"ppl_ratio": "perplexity ratio", "jsd": "JS divergence", "kl_dense_pruned": "KL(dense‖pruned)",
          "kl_pruned_dense": "KL(pruned‖dense)", "flip_rate": "top-1 flip rate"}
 MIN_RUNS = 3
+DECIMALS = 12
 COLUMNS = ["metric", *(f"{c}{s}" for c in CORRELATIONS for s in ("", "_low", "_high", "_p")), "n", "note"]
 Interval = tuple[float, float, float]  # point, low, high
 
@@ -123,7 +124,9 @@ def ranking(evidence: Sequence[Evidence], task: str = "f1", compare: Sequence[tu
                 x, y = np.broadcast_arrays(measured[metric], measured["drop"])
                 found[name, metric] = correlate(x, y, axis=0)
         extra = [found["spearman", a] - found["spearman", b] for a, b in pairs]
-        return np.stack([*found.values(), *extra])
+        # rank correlations take few distinct values: rounding off float noise keeps a resample equal to the point
+        # estimate equal to it, as BCa's bias correction counts them
+        return np.round(np.stack([*found.values(), *extra]), DECIMALS)
 
     full = {name: np.arange(size) for name, size in sets.items()}
     point = correlations(full, ())

@@ -69,6 +69,7 @@ def build(store: Store, model: str | None = None, cohort: str | None = None, tas
     return Findings(chosen, task, close, claims, replace(base, per_row=False), size, others)
 
 
-def queue(store: Store, found: Findings, data_dir: str | None = None, device: str = "auto") -> list[dict]:
+def queue(store: Store, found: Findings, data_dir: str | None = None, device: str = "auto",
+          start_worker: bool = True) -> list[dict]:
     """Submit exactly the missing runs (checked first, all or none); each answer as service.submit gives it."""
-    return submit_many(store, found.missing_specs(), data_dir, device)
+    return submit_many(store, found.missing_specs(), data_dir, device, start_worker)
