@@ -8,7 +8,8 @@ import time
 
 from backend.findings import study
 from backend.findings.claims import CLOSE_PPL
-from backend.findings.evidence import cohort_key
+from backend.findings.between import differences
+from backend.findings.evidence import cell_of, cohort_key, with_units
 from backend.findings.service import build, queue
 from backend.runs.service import submit_many
 from backend.runs.store import Store
@@ -25,6 +26,13 @@ def add_parsers(sub) -> None:
     findings.add_argument("--close-ppl", type=float, default=None, metavar="RATIO",
                           help="claim 1: a pruned / dense perplexity ratio below this is 'close to dense' (1.5)")
     findings.add_argument("--queue", action="store_true", help="queue exactly the runs missing to decide the claims")
+    compare = sub.add_parser("compare", help="two runs measured with one protocol: each pruned metric's difference "
+                                             "(B - A) with a paired 95% interval over the same units")
+    compare.add_argument("a", metavar="RUN_A", help="run id (or its first characters)")
+    compare.add_argument("b", metavar="RUN_B", help="run id (or its first characters)")
+    compare.add_argument("--store", help="results store folder (default: $PRUNESCOPE_STORE, else "
+                                         "~/.local/share/prunescope/store)")
+    compare.add_argument("--json", action="store_true", help="print JSON instead of text")
     study_parser = sub.add_parser("study", help="queue (and wait for) every run a study needs; resumable")
     study_parser.add_argument("name", choices=study.STUDIES, help="paper: the runs arXiv 2409.11233's claims need")
     study_parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub id or a local folder")
@@ -64,6 +72,30 @@ def cmd_findings(args: argparse.Namespace) -> dict:
     elif found.missing:
         result["queue_command"] = _queue_command(args, found.cohort.key if found.cohort else None)
     return result
+
+
+def cmd_compare(args: argparse.Namespace) -> dict:
+    """Run B minus run A, every pruned metric both measured, each paired over the units both were scored on."""
+    store = Store(args.store)
+    rows = {r["run_id"]: r for r in store.runs()}
+    ids = [store.find(args.a), store.find(args.b)]
+    found, left_out = with_units(store, [rows[rid] for rid in ids])
+    if left_out:
+        raise ValueError(f"run {left_out[0][0]} {left_out[0][1]}")
+    a, b = found
+    if a.row["protocol_key"] != b.row["protocol_key"]:
+        raise ValueError(f"runs {a.run_id[:8]} and {b.run_id[:8]} were measured with different protocols "
+                         f"({a.row['protocol_key']} and {b.row['protocol_key']}): they share no units to pair")
+    return {"a": a.run_id, "b": b.run_id, "a_label": cell_of(a.row).label(), "b_label": cell_of(b.row).label(),
+            "differences": [{**vars(d), "reading": d.reading()} for d in differences(a, b)]}
+
+
+def print_compare(result: dict) -> None:
+    print(f"B - A, pruned metrics, each with its paired 95% bootstrap interval over the units both runs scored\n"
+          f"A {result['a'][:8]}: {result['a_label']}\nB {result['b'][:8]}: {result['b_label']}")
+    for d in result["differences"]:
+        print(f"  {d['metric']:<16} {_cell(d['point'], d['interval'], '+.4f'):<34} over {d['units']} {d['unit']} "
+              f"({d['reading']})")
 
 
 def cmd_study(args: argparse.Namespace) -> dict:

@@ -143,6 +143,7 @@ COMMANDS = {
     "gc": (cleanup.cmd_gc, cleanup.print_cleanup),
     "findings": (findings.cmd_findings, findings.print_findings),
     "study": (findings.cmd_study, findings.print_study),
+    "compare": (findings.cmd_compare, findings.print_compare),
 }
 
 
