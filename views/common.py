@@ -100,6 +100,26 @@ def predictor_ranking(run_ids: tuple[str, ...], task: str, root: str | None = No
     return {"table": found.table, "sentence": found.sentence(), "runs": found.runs, "left_out": len(left_out)}
 
 
+@st.cache_data(max_entries=64)
+def paired_differences(a: str, b: str, root: str):
+    """Run b minus run a of every pruned metric both measured, with paired intervals, as a table; None when either
+    run has no per-unit values."""
+    import pandas as pd
+
+    from backend.findings.between import differences
+    from backend.findings.evidence import with_units
+    from backend.reports.charts import interval_text
+
+    db = Store(root)
+    rows = {r["run_id"]: r for r in db.runs() if r["run_id"] in (a, b)}
+    found, left_out = with_units(db, [rows[a], rows[b]])
+    if left_out:
+        return None
+    return pd.DataFrame([{"metric": d.metric, "B - A": d.point, "95% interval": interval_text(d.interval, ".4g"),
+                          "units": f"{d.units} {d.unit}",
+                          "reading": d.reading()} for d in differences(*found)])
+
+
 def confirmed_delete(rid: str, prefix: str) -> dict | None:
     """A confirmation tick and a Delete button for one run; the result of `cleanup.delete_runs` once it is deleted,
     else None (a warning without the tick, the backend's message when it refuses). Widget keys start with `prefix`;

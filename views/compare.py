@@ -23,6 +23,8 @@ from views.common import (
     filter_value,
     finished_runs_or_stop,
     md_escape,
+    paired_differences,
+    pick_run,
     predictor_ranking,
     selected_run,
     store,
@@ -154,6 +156,25 @@ elif clicked != st.session_state.get("compare-opened"):
 
 st.subheader("Each metric relative to dense")
 relative_table(shown, task, protocol)
+
+st.subheader("Two runs, paired")
+st.caption("Run B minus run A for each pruned metric, with a 95% bootstrap interval paired over the units both were "
+           "scored on (perplexity: windows; divergence: samples; task scores: examples): for instance C4 vs Alpaca "
+           "calibration of one method.")
+if len(shown) < 2:
+    st.info("A paired comparison needs two runs measured with one protocol.")
+else:
+    left, right = st.columns(2)
+    with left:
+        first = pick_run(shown, "a", "Run A")
+    with right:
+        second = pick_run([r for r in shown if r["run_id"] != first["run_id"]], "b", "Run B")
+    paired = paired_differences(first["run_id"], second["run_id"], str(store().root))
+    if paired is None:
+        st.info("One of these runs was measured before PruneScope kept per-example values: run it again to pair it.")
+    else:
+        st.dataframe(paired, hide_index=True, width="stretch", key="paired", placeholder=charts.MISSING,
+                     column_config={"B - A": st.column_config.NumberColumn(format="%+.4g")})
 
 st.subheader("Metric vs sparsity")
 metric = url_select("Metric", list(charts.METRICS), "metric", charts.METRICS)

@@ -12,7 +12,7 @@ from backend.findings.evidence import cohort_label, cohorts
 from backend.findings.service import build, queue
 from backend.reports import charts
 from backend.runs.spec import SpecError
-from backend.runs.store import Store, StoreError
+from backend.runs.store import ACTIVE, Store, StoreError
 from views.common import data_dir, md_escape, store, url_select
 
 ALERT = {HELD: st.success, NOT_HELD: st.error}
@@ -105,6 +105,10 @@ for claim in result["claims"]:
     show_claim(claim, task)
 
 st.subheader("What is missing")
+active = [r for r in rows if r["state"] in ACTIVE]
+if active:
+    st.info(f"{len(active)} run(s) are queued or running; their verdicts come in as they finish.")
+    st.page_link("views/runs.py", label="Runs", icon="🗂️")
 missing = result["missing"]
 if not missing:
     st.success("Every run the claims need is in this cohort; an inconclusive verdict now needs more examples, "

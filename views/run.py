@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import streamlit as st
 
+from backend.reports.charts import interval_text
 from backend.runs import service
 from backend.runs.checks import data_dir_sources
 from backend.runs.progress import self_calibration_seconds
+from backend.runs.protocol import metric_note
 from backend.runs.spec import DEFAULT_MODEL, METHODS, EvalSettings, RunSpec, SpecError
 from backend.runs.store import StoreError
+from backend.runs.uncertainty import ROW_INTERVALS
 from views.common import data_dir, fmt, store
 from views.progress import show_progress
 
@@ -188,15 +191,27 @@ def ended_text(row: dict) -> str:
     return said
 
 
+def interval_help(row: dict, metric: str, change: str | None = None) -> str:
+    """A summary metric's unit and protocol, its 95% interval and, for a change vs dense, the paired one."""
+    bounds = row.get("intervals") or {}
+    said = [metric_note(metric, row.get("protocol") or {})]
+    for key, what in ((ROW_INTERVALS.get(metric), "95% interval"), (change, "change vs dense, paired 95% interval")):
+        if key and bounds.get(key):
+            said.append(f"{what} {interval_text(bounds[key], '.4g')}")
+    return "\n\n".join(said)
+
+
 def show_summary(detail: dict) -> None:
     summary, row = detail["summary"], detail["row"]
     cols = st.columns(5)
     cols[0].metric("Perplexity", fmt(row["pruned_ppl"], ".2f"), delta=None if row["dense_ppl"] is None else
-                   f"{row['pruned_ppl'] - row['dense_ppl']:+.2f} vs dense", delta_color="inverse")
-    cols[1].metric("JS divergence", fmt(row["jsd"], ".4f"))
-    cols[2].metric("Top-1 flip rate", fmt(row["flip_rate"], ".3f"))
+                   f"{row['pruned_ppl'] - row['dense_ppl']:+.2f} vs dense", delta_color="inverse",
+                   help=interval_help(row, "pruned_ppl", "delta.ppl"))
+    cols[1].metric("JS divergence", fmt(row["jsd"], ".4f"), help=interval_help(row, "jsd"))
+    cols[2].metric("Top-1 flip rate", fmt(row["flip_rate"], ".3f"), help=interval_help(row, "flip_rate"))
     cols[3].metric("F1", fmt(row["pruned_f1"]), delta=None if row["dense_f1"] is None else
-                   f"{row['pruned_f1'] - row['dense_f1']:+.3f} vs dense")
+                   f"{row['pruned_f1'] - row['dense_f1']:+.3f} vs dense",
+                   help=interval_help(row, "pruned_f1", "delta.f1"))
     cols[4].metric("Measured sparsity", fmt(row["overall_sparsity"], ".3f"))
     if summary and "flips_lost" in summary:
         st.caption(f"Answers right under dense and wrong pruned: {summary['flips_lost']}; the reverse: "

@@ -113,10 +113,10 @@ def build_html(rows: charts.Rows, layers_by_run: Mapping[str, list[dict]] | None
         members = [by_id[rid] for rid in group["runs"]]
         evidence = [Evidence(r, (units_by_run or {})[r["run_id"]]) for r in members
                     if (units_by_run or {}).get(r["run_id"])]
-        found = ranking(evidence, task)
+        ranked = ranking(evidence, task)
         left = len(members) - len(evidence)
-        table = found.table
-        shown = (f"<p>{html.escape(found.sentence())}" + (f" {left} run(s) without per-example values are left out."
+        table = ranked.table
+        shown = (f"<p>{html.escape(ranked.sentence())}" + (f" {left} run(s) without per-example values are left out."
                                                           if left else "") + "</p>\n"
                  + table.to_html(index=False, escape=True, na_rep=charts.MISSING, classes="runs", border=0,
                                  float_format=lambda v: f"{v:.3f}"))

@@ -254,6 +254,18 @@ def test_submit_a_run_and_browse_every_page(tiny_folder, browser_page, app_serve
     shoot(page, folder, "generations", shots)
     step("generations")
 
+    page.goto(base + "/findings")
+    wait_idle(page, "Findings")
+    verdicts = page.locator("[data-testid=stAlert]").filter(has_text=re.compile(r"^\s*Verdict: "))
+    verdicts.nth(2).wait_for(state="visible")
+    texts = [" ".join(t.split()) for t in verdicts.all_inner_texts()]
+    assert len(texts) == 3 and all(t in ("Verdict: held", "Verdict: not held", "Verdict: inconclusive")
+                                   for t in texts), texts
+    assert main_text(page).count("Rule.") == 3 and "Queue the" in main_text(page)
+    assert_no_exception(page, "Findings")
+    shoot(page, folder, "findings", shots)
+    step("findings")
+
     with capsys.disabled():
         print(f"\nbrowser test, run {rid}, seconds after the app was up: {', '.join(steps)}; "
               f"page errors: {page_errors or 'none'}; screenshots:")
@@ -261,7 +273,7 @@ def test_submit_a_run_and_browse_every_page(tiny_folder, browser_page, app_serve
             print(f"  {path}")
 
 
-PAGES = ("run", "runs", "compare", "layers", "generations")
+PAGES = ("run", "runs", "compare", "findings", "layers", "generations")
 
 
 @pytest.mark.timeout(600)

@@ -104,11 +104,21 @@ def test_compare_page(monkeypatch, filled_store, runs):
     assert config["jsd"]["help"] == metric_note("jsd", runs[0]["protocol"]) and "nats" in config["jsd"]["help"]
     assert "windows" in config["ppl_ratio"]["help"] and relative.proto.placeholder == "–"
     # what every run shares is said once, not repeated in a column, so the table fits the page
-    assert list(relative.proto.column_order) == ["run_id", "method", "calibration", "pruned_ppl", "ppl_ratio", "jsd",
-                                                 "kl_dense_pruned", "flip_rate", "pruned_f1", "f1_relative"]
+    assert list(relative.proto.column_order) == ["run_id", "method", "calibration", "pruned_ppl", "ppl_ratio",
+                                                 "ppl_ratio_ci", "jsd", "jsd_ci", "kl_dense_pruned", "flip_rate",
+                                                 "pruned_f1", "f1_relative", "f1_change", "f1_change_ci"]
+    # each run's own 95% intervals, as text beside their numbers, with how they were drawn on hover
+    by_run = {r["run_id"][:8]: r for r in runs}
+    for _, shown in relative.value.iterrows():
+        low, high = by_run[shown["run_id"]]["intervals"]["jsd"]
+        assert shown["jsd_ci"] == f"[{low:.3g}, {high:.3g}]" and low <= by_run[shown["run_id"]]["jsd"] <= high
+    assert "bootstrap" in config["jsd_ci"]["help"] and config["jsd_ci"]["label"] == "JS divergence 95% interval"
     dense_ppl = f"{runs[0]['dense_ppl']:.2f}"
     assert any(c.value.startswith("Same for every run shown: model ") and f"dense perplexity {dense_ppl}" in c.value
                and "target sparsity 0.50" in c.value for c in at.caption)
+    paired = table(at, "B - A")  # two runs of the protocol, paired over their units
+    assert {"ppl", "jsd", "f1"} <= set(paired.value["metric"]) and set(paired.value["units"].str.split().str[1]) == {
+        "windows", "samples", "examples"}
     predictors = table(at, "spearman")
     assert set(predictors.value["metric"]) >= {"perplexity ratio", "JS divergence", "top-1 flip rate"}
     assert predictors.proto.placeholder == "–" and json.loads(predictors.proto.columns)["spearman"]["label"] == (
