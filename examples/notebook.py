@@ -32,6 +32,9 @@ def main() -> None:
                                      jsd="demo", tasks="demo", limit=8, max_new_tokens=8)
     print(f"perplexity {summary['dense']['ppl']:.2f} -> {summary['pruned']['ppl']:.2f}, JS {summary['jsd']:.4f}, "
           f"F1 {summary['dense']['f1']:.3f} -> {summary['pruned']['f1']:.3f}; {len(examples)} example records")
+    low, high = summary["intervals"]["ratio.ppl"]
+    print(f"perplexity ratio {summary['pruned']['ppl'] / summary['dense']['ppl']:.3f}, 95% interval [{low:.3f}, "
+          f"{high:.3f}] paired over {len(summary['units']['ppl']['dense'])} windows")
 
     # 3. The same experiment as a run in the store, done by the worker; a second submit is answered from the store.
     spec = api.RunSpec(model=args.model, method="wanda", sparsity=0.5, calibration="demo-prose", nsamples=8,

@@ -21,5 +21,6 @@ def test_the_notebook_example_runs_end_to_end(tiny_folder, tmp_path):
     out = done.stdout
     assert re.search(r"pruned 14 matrices: sparsity 0\.500 in the decoder layers", out), out
     assert re.search(r"perplexity [\d.]+ -> [\d.]+, JS 0\.\d{4}, F1 [\d.]+ -> [\d.]+; 16 example records", out), out
+    assert re.search(r"perplexity ratio [\d.]+, 95% interval \[[\d.]+, [\d.]+\] paired over 4 windows", out), out
     assert re.search(r"run [0-9a-f]+: done, perplexity [\d.]+ -> [\d.]+", out), out
     assert "1 run(s) in the store" in out

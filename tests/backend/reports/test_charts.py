@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 from plotly.offline import get_plotlyjs
-from scipy import stats
 
 from backend.reports import charts
 from backend.reports.html import write_report
@@ -93,38 +92,29 @@ def test_metric_vs_sparsity_lines_and_unknown_metric(rows):
         charts.metric_vs_sparsity(rows, "perplexity")
 
 
-def test_predictors_rank_correlation():
-    jsd = [0.05, 0.10, 0.15, 0.22, 0.31, 0.40]
-    drop = [0.001, 0.004, 0.02, 0.03, 0.07, 0.08]  # monotone in jsd
-    ppl = [31.0, 30.0, 45.0, 40.0, 90.0, 60.0]  # not monotone
-    made = [run(f"r{i}", "wanda", 0.5, jsd=j, pruned_f1=0.151 - d, pruned_ppl=p)
-            for i, (j, d, p) in enumerate(zip(jsd, drop, ppl))]
-    made.append(run("notdone", "wanda", 0.5, state="running", jsd=0.9, pruned_f1=0.151))  # would break monotonicity
-    table = charts.predictors(made, task="f1").set_index("metric")
-    assert list(table.index) == ["ppl_ratio", "jsd", "kl_dense_pruned", "kl_pruned_dense", "flip_rate"]
-    assert table.loc["jsd", "spearman"] == pytest.approx(1.0)
-    assert table.loc["jsd", "kendall"] == pytest.approx(1.0)
-    assert table.loc["jsd", "n"] == 6
-    ratio = np.array(ppl) / 29.2
-    assert table.loc["ppl_ratio", "spearman"] == pytest.approx(stats.spearmanr(ratio, drop).statistic)
-    assert table.loc["ppl_ratio", "kendall"] == pytest.approx(stats.kendalltau(ratio, drop).statistic)
-    assert table.loc["ppl_ratio", "spearman"] < 1.0
-    assert math.isnan(table.loc["flip_rate", "spearman"]) and "constant" in table.loc["flip_rate", "note"]
-
-    few = charts.predictors(made[:2], task="f1").set_index("metric")
-    assert few["spearman"].isna().all() and few["kendall"].isna().all()
-    assert "fewer than 3" in few.loc["jsd", "note"] and few.loc["jsd", "n"] == 2
-
-    chart = charts.predictors_chart(table.reset_index(), task="f1")
-    assert [t.name for t in chart.data] == ["Spearman ρ", "Kendall τ"] and chart.layout.barmode == "group"
-    assert list(chart.data[0].customdata) == list(table.index)
-    assert list(chart.data[0].x) == ["perplexity ratio", "JS divergence", "KL(dense‖pruned)", "KL(pruned‖dense)",
-                                     "top-1 flip rate"]  # human names, not column names
-    assert chart.data[0].y[1] == pytest.approx(1.0)
-    # the labels of bars at ±1 sit outside them: not clipped by the plot area, which leaves room beyond ±1
-    low, high = chart.layout.yaxis.range
-    assert all(t.cliponaxis is False and t.textposition == "outside" for t in chart.data) and low < -1.2 and high > 1.2
-    assert charts.predictors_chart(few.reset_index()).data == ()  # nothing to correlate: a message, no bars
+def test_intervals_become_error_bars_and_interval_columns(rows):
+    bounded = {"wanc450": {"ratio.ppl": [2.0, 2.6], "jsd": [0.15, 0.2], "delta.f1": [-0.09, -0.02]}}
+    made = [{**r, "intervals": bounded.get(r["run_id"], {})} for r in rows]
+    df = charts.frame(made).set_index("run_id")
+    assert df.loc["wanc450", "ppl_ratio_ci"] == [2.0, 2.6] and df.loc["wanc450", "f1_change_ci"] == [-0.09, -0.02]
+    assert df.loc["wanc430", "jsd_ci"] is None and charts.interval_text(None) == charts.MISSING
+    assert charts.interval_text([0.15, 0.2]) == "[0.15, 0.2]"
+    trace = next(t for t in charts.tradeoff_scatter(made, "f1").data if t.name == "wanda · c4")
+    point = [c[0] for c in trace.customdata].index("wanc450")
+    x, y = trace.x[point], trace.y[point]
+    assert (x - trace.error_x.arrayminus[point], x + trace.error_x.array[point]) == pytest.approx((2.0, 2.6))
+    assert (y - trace.error_y.arrayminus[point], y + trace.error_y.array[point]) == pytest.approx((0.15, 0.2))
+    other = [c[0] for c in trace.customdata].index("wanc430")
+    assert trace.error_y.array[other] is None  # no interval, no bar
+    assert "[-0.09, -0.02]" in trace.hovertext[point]
+    curve = next(t for t in charts.metric_vs_sparsity(made, "jsd").data if t.name == "wanda · c4")
+    assert list(curve.error_y.array) == [None, pytest.approx(0.2 - 0.179)]
+    # a point that averages several runs has no interval of its own
+    twice = made + [{**made[[r["run_id"] for r in made].index("wanc450")], "run_id": "again"}]
+    curve = next(t for t in charts.metric_vs_sparsity(twice, "jsd").data if t.name == "wanda · c4")
+    assert curve.error_y.array is None or list(curve.error_y.array)[1] is None
+    assert charts.tradeoff_scatter(rows, "f1").data[0].error_x is None or all(
+        v is None for v in (charts.tradeoff_scatter(rows, "f1").data[0].error_x.array or []))
 
 
 PROTOCOL = {"ppl": {"source": "wikitext2", "data": "sha256:1", "seqlen": 2048, "windows": 40, "windows_requested": 40},
@@ -245,7 +235,8 @@ def test_write_report_is_self_contained(rows, tmp_path):
     # Outside plotly.js (whose source holds URL strings for map tiles and docs) the page names no URL at all.
     rest = page.replace(bundle, "")
     assert not re.search(r"https?://|//cdn\.", rest)
-    assert rest.count("Plotly.newPlot") == 7  # scatter, 3 x vs sparsity, predictors, 2 layer heatmaps
+    assert rest.count("Plotly.newPlot") == 7  # scatter, 3 x vs sparsity, predictors (a message here: no per-unit
+    # values), 2 layer heatmaps
     assert "wanc450: rel_error per layer" in page
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # no temp file left
 
