@@ -37,7 +37,7 @@ def add_parsers(sub) -> None:
     study_parser.add_argument("name", choices=study.STUDIES, help="paper: the runs arXiv 2409.11233's claims need")
     study_parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub id or a local folder")
     study_parser.add_argument("--quick", action="store_true", help="32 x 256 calibration, 64 examples, a short "
-                              "ladder: about 30 minutes on a 2-core CPU with the embedded model")
+                              "ladder: about 33 minutes on a 2-core CPU with the embedded model")
     for name, kind in (("nsamples", int), ("seqlen", int), ("limit", int), ("jsd_limit", int), ("ppl_windows", int),
                        ("ppl_seqlen", int), ("max_new_tokens", int), ("seed", int)):
         study_parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help="override the study's setting")
