@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
@@ -60,13 +60,17 @@ def windows_from_documents(texts: Sequence[str], tokenizer, nsamples: int, seqle
 
 
 def windows_from_records(records: Sequence[dict], tokenizer, render: Callable[[dict], str], nsamples: int,
-                         seqlen: int, seed: int = 0) -> torch.Tensor:
+                         seqlen: int, seed: int = 0, exclude: Collection[int] = ()) -> torch.Tensor:
     """Render instruction records with a prompt template (prompt + reference answer + EOS), shuffle them with the
-    seed and pack the token stream into consecutive windows."""
+    seed and pack the token stream into consecutive windows. Records at `exclude` (those an evaluation reads) are
+    never packed; the others keep their shuffled order, so excluding records the packing never reached changes
+    nothing."""
     check_shape(nsamples, seqlen, None)
     need = nsamples * seqlen
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
+    skipped = set(exclude)
+    order = [i for i in order if i not in skipped]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     for index in order:
@@ -74,7 +78,8 @@ def windows_from_records(records: Sequence[dict], tokenizer, render: Callable[[d
         if len(stream) >= need:
             break
     if len(stream) < need:
-        raise CalibrationError(f"too little text: {len(records)} records give {len(stream)} tokens but "
+        held = f" ({len(records) - len(order)} more held out: the evaluation reads them)" if skipped else ""
+        raise CalibrationError(f"too little text: {len(order)} records{held} give {len(stream)} tokens but "
                                f"{nsamples} x {seqlen} = {need} are needed; lower nsamples or seqlen")
     return torch.tensor(stream[:need]).reshape(nsamples, seqlen)
 

@@ -21,8 +21,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
 
     check_target(args.save, args.overwrite)  # refused before minutes of pruning, not after
     check_flags(args)
-    check_calibration(args.model, args.calibration, args.nsamples, args.seqlen, args.template, args.data_dir,
-                      args.trust_remote_code)
+    check_calibration(args.model, args.calibration, args.nsamples, args.seqlen, args.template,
+                      data_dir=args.data_dir, trust_remote_code=args.trust_remote_code)
     started = time.perf_counter()
     bar = progress_bar(0, f"{args.method} {args.sparsity:g}", unit="layer")
 

@@ -87,7 +87,8 @@ def check_specs(specs: Sequence[RunSpec], data_dir: str | None = None) -> None:
     most of them)."""
     seen: set[tuple] = set()
     for spec in specs:
-        calibration = (spec.model, spec.calibration, spec.nsamples, spec.seqlen, spec.template)
+        calibration = (spec.model, spec.calibration, spec.nsamples, spec.seqlen, spec.template,
+                       spec.held_out_records())
         if calibration not in seen:
             seen.add(calibration)
             check_calibration(*calibration, data_dir=data_dir)
@@ -97,9 +98,10 @@ def check_specs(specs: Sequence[RunSpec], data_dir: str | None = None) -> None:
 
 
 def check_calibration(model: str, calibration: str, nsamples: int, seqlen: int, template: str = "alpaca",
-                      data_dir: str | None = None, trust_remote_code: bool = False) -> None:
+                      held_out: int = 0, data_dir: str | None = None, trust_remote_code: bool = False) -> None:
     """What building the calibration windows needs (backend/sources/calibration.py): nsamples x seqlen within the
-    model's context, a source that exists and loads offline, and enough tokens for the recipe its kind picks."""
+    model's context, a source that exists and loads offline, and enough tokens for the recipe its kind picks (for
+    records, without the first `held_out`, which the evaluation reads)."""
     from backend.sources.calibration import open_source
     from compression.calibration import CalibrationError, check_shape, windows_from_file
     from metrics.prompts import full_text_renderer
@@ -120,11 +122,13 @@ def check_calibration(model: str, calibration: str, nsamples: int, seqlen: int, 
     tokenizer = facts.tokenizer
     if source.kind == "records":
         need = nsamples * seqlen
-        have = record_tokens(source.items, tokenizer, full_text_renderer(template, tokenizer), need)
+        kept = source.items[held_out:]
+        have = record_tokens(kept, tokenizer, full_text_renderer(template, tokenizer), need)
         if have < need:
             fixes = ([f"nsamples to at most {have // seqlen}"] if have // seqlen >= 1 else []) + \
                     ([f"seqlen to at most {have // nsamples}"] if have // nsamples >= 2 else [])
-            raise SpecError(f"calibration {calibration!r}: its {len(source.items)} records give {have} tokens but "
+            held = f" ({held_out} more held out: the evaluation reads them)" if held_out else ""
+            raise SpecError(f"calibration {calibration!r}: its {len(kept)} records{held} give {have} tokens but "
                             f"nsamples x seqlen = {nsamples} x {seqlen} = {need} are needed: "
                             + (f"lower {' or '.join(fixes)}, or use more text" if fixes else "use more text"))
         return

@@ -106,7 +106,9 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
     plan = plan_for(spec, params, decoder_layers(dense.model), store.dense_result(key) is not None,
                     measured_rates(store, spec.model, dense.device.type, spec.calibration == "self"))
     report.start_plan(plan if job["kind"] == "full" else plan[:3])
-    report("calibration", 0, spec.nsamples, message=f"{spec.calibration}: {spec.nsamples} x {spec.seqlen} tokens")
+    held_out = spec.held_out_records()
+    report("calibration", 0, spec.nsamples, message=f"{spec.calibration}: {spec.nsamples} x {spec.seqlen} tokens"
+           + (f", its first {held_out} records held out (the evaluation reads them)" if held_out else ""))
     source = open_source(spec.calibration, data_dir)
     if spec.calibration == "self":
         tokens = spec.nsamples * spec.seqlen
@@ -116,7 +118,7 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
         steps = None
     calibration = build_calibration(source, dense.model, dense.tokenizer, spec.nsamples, spec.seqlen, spec.seed,
                                     spec.template, progress=None if steps else
-                                    lambda d, n: report("calibration", d, n), streamer=steps)
+                                    lambda d, n: report("calibration", d, n), streamer=steps, held_out=held_out)
     working = cache.working_copy(spec)
     method = create(spec.method, sparsity=spec.sparsity, pattern=parse_pattern(spec.pattern),
                     **({"per_row": True} if spec.per_row else {}))
@@ -128,7 +130,8 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
     started = time.perf_counter()
     pruned = prune_model(working.model, calibration, method, order=spec.order, device=working.device,
                          progress=on_layer)
-    prune = {**pruned.to_dict(), "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    prune = {**pruned.to_dict(), "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+             "calibration_held_out": held_out}
     layers = prune.pop("layers")
     report("saving", 0, 1, message="writing the pruned model")
     folder = save_pruned(working.model, working.tokenizer, store.run_folder(run_id) / MODEL_ARTIFACT,

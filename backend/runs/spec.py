@@ -72,6 +72,14 @@ class EvalSettings:
 
 
 
+def _same_source(a: str, b: str) -> bool:
+    """One named source, or one local file however its path is spelled."""
+    if a.strip() == b.strip():
+        return True
+    first, second = Path(a.strip()).expanduser(), Path(b.strip()).expanduser()
+    return first.is_file() and second.is_file() and first.resolve() == second.resolve()
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One experiment: a model pruned by a method at a sparsity with a calibration set, then evaluated."""
@@ -106,6 +114,13 @@ class RunSpec:
         return replace(self, method=self.method.strip().lower(), model=model, calibration=calibration,
                        pattern=str(parse_pattern(self.pattern.strip())), sparsity=round(float(self.sparsity), 6),
                        evaluation=evaluation)
+
+    def held_out_records(self) -> int:
+        """How many leading records of the calibration source the evaluation reads (divergence, tasks): calibration
+        leaves them out, so no metric is measured on the text the masks were fitted to."""
+        ev = self.evaluation
+        return max([count for source, count in ((ev.jsd, ev.jsd_records), (ev.tasks, ev.limit))
+                    if source and _same_source(source, self.calibration)], default=0)
 
     def check(self) -> None:
         """Raise SpecError naming the first bad field."""

@@ -35,9 +35,10 @@ def open_source(source: str, data_dir: str | None = None) -> Source:
 
 def build_calibration(source: Source, model: torch.nn.Module, tokenizer, nsamples: int, seqlen: int, seed: int = 0,
                       template: str = "alpaca", progress: Callable[[int, int], None] | None = None,
-                      streamer=None) -> torch.Tensor:
-    """[nsamples, seqlen] token ids: C4-style windows from documents, packed rendered records, the model's own
-    samples ('self', each decoding step handed to `streamer`), or saved token ids (.pt / .safetensors)."""
+                      streamer=None, held_out: int = 0) -> torch.Tensor:
+    """[nsamples, seqlen] token ids: C4-style windows from documents, packed rendered records (the first `held_out`
+    never packed: an evaluation reads them), the model's own samples ('self', each decoding step handed to
+    `streamer`), or saved token ids (.pt / .safetensors)."""
     check_shape(nsamples, seqlen, model_context(model.config))
     if isinstance(source, str):
         return windows_from_model(model, tokenizer, nsamples, seqlen, seed, progress=progress, streamer=streamer)
@@ -45,5 +46,5 @@ def build_calibration(source: Source, model: torch.nn.Module, tokenizer, nsample
         return windows_from_file(source, nsamples, seqlen)
     if source.kind == "records":
         return windows_from_records(source.items, tokenizer, full_text_renderer(template, tokenizer), nsamples,
-                                    seqlen, seed)
+                                    seqlen, seed, exclude=range(held_out))
     return windows_from_documents(source.items, tokenizer, nsamples, seqlen, seed)

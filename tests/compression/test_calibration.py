@@ -91,3 +91,26 @@ def test_seqlen_is_capped_by_the_model_context(tokenizer):
         build_calibration(open_source("c4", str(SHARED_DATA)), model, tokenizer, 4, 512)
     windows = build_calibration(open_source("unnatural", str(SHARED_DATA)), model, tokenizer, 2, 64)
     assert windows.shape == (2, 64)
+
+
+@needs_shared
+def test_held_out_records_are_never_packed_and_unreached_ones_change_nothing(tokenizer):
+    records = load_source("alpaca", SHARED_DATA).items[:200]
+    render = full_text_renderer("alpaca")
+    order = list(range(len(records)))
+    random.Random(3).shuffle(order)
+    plain = windows_from_records(records, tokenizer, render, 2, 128, seed=3)
+    assert torch.equal(windows_from_records(records, tokenizer, render, 2, 128, seed=3, exclude=order[-20:]), plain)
+    first, second = order[0], order[1]
+    held = windows_from_records(records, tokenizer, render, 2, 128, seed=3, exclude=[first])
+    text = tokenizer.decode(held.flatten())
+    assert records[first]["output"] not in text and records[second]["output"] in text
+    again = tokenizer(render(records[second]), add_special_tokens=False).input_ids
+    assert held.flatten()[: min(len(again), 256)].tolist() == again[:256]
+
+
+def test_too_few_records_once_held_out_say_so(tokenizer):
+    records = [{"instruction": f"Say {w}.", "input": "", "output": f"{w}."} for w in ("hi", "yes", "no")]
+    with pytest.raises(CalibrationError, match=r"too little text: 1 records \(2 more held out: the evaluation reads "
+                                               r"them\) give"):
+        windows_from_records(records, tokenizer, full_text_renderer("alpaca"), 4, 128, exclude=range(2))

@@ -217,7 +217,7 @@ def test_each_early_check_refuses_on_submit_and_queues_nothing(monkeypatch, tmp_
         ({"... or a local calibration file (.jsonl/.json/.txt/.parquet/.pt)": str(tmp_path / "gone.jsonl")}, None,
          f"path {tmp_path / 'gone.jsonl'} does not exist"),
         ({PICKERS["calibration"]: "demo", "Samples": 64, "Sequence length": 100}, None,
-         "calibration 'demo': its 72 records give"),
+         "calibration 'demo': its 66 records (6 more held out: the evaluation reads them) give"),
         ({PICKERS["calibration"]: "c4"}, None, "calibration: data source 'c4' is not available offline"),
         ({PICKERS["ppl"]: "wikitext2"}, folder, "ppl 'wikitext2' gives"),
         ({PICKERS["calibration"]: "c4"}, folder, "calibration 'c4': none of its 2 documents has more than seqlen 64"),

@@ -225,8 +225,8 @@ def cli_run(tmp_path, tiny_folder, *extra: str) -> list[str]:
     (("--seqlen", "200"), "error: calibration seqlen 200 is beyond the model's context of 128 tokens: use at most 128"),
     (("--ppl-seqlen", "300"), "error: ppl-seqlen 300 is beyond the model's context of 128 tokens: use at most 128"),
     (("--calibration", "/no/such/file.jsonl"), "path /no/such/file.jsonl does not exist"),
-    (("--calibration", "demo", "--nsamples", "64", "--seqlen", "100"), "error: calibration 'demo': its 72 records "
-                                                                         "give"),
+    (("--calibration", "demo", "--nsamples", "64", "--seqlen", "100"),
+     "error: calibration 'demo': its 66 records (6 more held out: the evaluation reads them) give"),
     (("--jsd", "demo-prose"), "error: jsd: source 'demo-prose' holds plain texts"),
     (("--tasks", "unnatural"), "error: tasks: data source 'unnatural' is not available offline"),
 ])
@@ -246,7 +246,7 @@ def test_the_cli_sweep_with_one_bad_calibration_queues_nothing(tmp_path, tiny_fo
     code, _, err = run_cli(["sweep", "--model", str(tiny_folder), "--methods", "wanda", "magnitude",
                             "--calibrations", "demo-prose", "demo", "--nsamples", "64", "--seqlen", "100", *TINY_EVAL,
                             "--store", str(tmp_path / "store"), "--detach"], capsys)
-    assert code == 2 and "error: calibration 'demo': its 72 records give" in error_line(err)
+    assert code == 2 and "error: calibration 'demo': its 66 records (6 more held out" in error_line(err)
     assert jobs(tmp_path / "store") == 0
 
 
@@ -262,3 +262,22 @@ def test_the_cli_prune_ppl_and_eval_use_the_same_checks(tmp_path, tiny_folder, t
     code, _, err = run_cli(["eval", "--dense", str(tiny_folder), "--pruned", str(tiny_folder), "--ppl", str(texts),
                             "--ppl-seqlen", "100"], capsys)
     assert code == 2 and f"error: ppl {str(texts)!r} gives" in error_line(err)
+
+
+def test_calibration_holds_out_the_records_its_evaluation_reads_from_the_same_source(tmp_path, good, records,
+                                                                                       tokenizer):
+    from metrics.prompts import full_text_renderer
+    assert good.held_out_records() == 0  # demo-prose calibration, demo evaluation
+    same = replace(good, calibration="demo")
+    assert same.held_out_records() == 6
+    assert replace(same, evaluation=replace(EVAL, jsd_limit=10)).held_out_records() == 10
+    assert replace(same, evaluation=replace(EVAL, jsd=None, tasks="demo-prose")).held_out_records() == 0
+    spelled = replace(good, calibration=str(records),
+                      evaluation=replace(EVAL, jsd=str(records.parent / "." / records.name), jsd_limit=1, tasks=None))
+    assert spelled.held_out_records() == 1  # one file, however its path is spelled
+    second = full_text_renderer("alpaca", tokenizer)({"instruction": "Add the numbers.", "input": "2 and 3",
+                                                      "output": "5"})
+    have = len(tokenizer(second, add_special_tokens=False).input_ids) + 1
+    message = refused(tmp_path, replace(spelled, nsamples=1, seqlen=have + 1))
+    assert message.startswith(f"calibration {str(records)!r}: its 1 records (1 more held out: the evaluation reads "
+                              f"them) give {have} tokens")

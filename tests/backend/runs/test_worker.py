@@ -190,3 +190,12 @@ def test_a_sweep_again_is_served_from_the_store_and_list_show_report_read_it(fil
     report = cli(filled_store, "report", "--out", str(tmp_path / "report.html"))
     page = (tmp_path / "report.html").read_text()
     assert report["done"] == 4 and all(r["run_id"] in page for r in listed) and "<script src=" not in page
+
+
+def test_a_run_calibrated_on_its_evaluation_s_source_holds_those_records_out(filled_store):
+    db = Store(filled_store)
+    try:
+        held = {r["calibration"]: db.metrics(r["run_id"])["prune"]["calibration_held_out"] for r in db.runs()}
+    finally:
+        db.close()
+    assert held == {"demo": 6, "demo-prose": 0}  # the tasks and the divergence read the first 6 demo records
