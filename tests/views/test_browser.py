@@ -319,7 +319,9 @@ def test_the_demo_from_an_empty_store_and_every_page(browser_page, app_server, c
     page.goto(base + "/")
     wait_idle(page, "PruneScope")
     assert f"demo run {rid[:8]} is finished" in main_text(page)
-    assert page.locator(f'[data-testid=stPageLink-NavLink][href*="generations?run={rid}"]').count() == 1
+    answers = page.locator(f'[data-testid=stPageLink-NavLink][href*="generations?run={rid}"]')
+    answers.first.wait_for(state="visible")  # the link can render a moment after the sentence
+    assert answers.count() == 1
     assert_no_exception(page, "Home")
     shoot(page, folder, "home", shots)
     for name in PAGES[1:]:

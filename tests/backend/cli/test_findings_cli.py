@@ -63,8 +63,8 @@ def test_a_study_that_cannot_run_queues_nothing(tmp_path, capsys, monkeypatch):
     assert code == 2 and "limit 0 is not allowed" in error_line(err)
 
 
-TINY_STUDY = ("--nsamples", "4", "--seqlen", "64", "--limit", "6", "--jsd-limit", "6", "--ppl-windows", "2",
-              "--ppl-seqlen", "64", "--max-new-tokens", "4")
+TINY_STUDY = ("--nsamples", "2", "--seqlen", "32", "--limit", "4", "--jsd-limit", "4", "--ppl-windows", "2",
+              "--ppl-seqlen", "32", "--max-new-tokens", "2")
 
 
 @pytest.mark.slow
@@ -85,9 +85,9 @@ def test_the_quick_paper_study_end_to_end_and_resumed(tmp_path, tiny_folder):
         db = Store(store)
         made = sorted(Cell(r["method"], r["sparsity"], r["pattern"], r["calibration"]) for r in db.runs())
         assert made == sorted(cells("quick"))
-        assert all(r["intervals"] and r["nsamples"] == 4 for r in db.runs())
+        assert all(r["intervals"] and r["nsamples"] == 2 for r in db.runs())
         again = backend_cli(store, "study", "paper", "--quick", "--model", str(tiny_folder), *TINY_STUDY,
-                            "--data-dir", str(SHARED_DATA))
+                            "--data-dir", str(SHARED_DATA), "--detach")
         assert again["cached"] == len(cells("quick"))  # resumed: every run served from the store
     finally:
         stop_worker(store)
