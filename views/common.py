@@ -102,22 +102,19 @@ def predictor_ranking(run_ids: tuple[str, ...], task: str, root: str | None = No
 
 @st.cache_data(max_entries=64)
 def paired_differences(a: str, b: str, root: str):
-    """Run b minus run a of every pruned metric both measured, with paired intervals, as a table; None when either
-    run has no per-unit values."""
+    """Run b minus run a of every pruned metric both measured, with paired intervals, as a table; the reason as a
+    string when they cannot be paired (a run without per-unit values, two protocols)."""
     import pandas as pd
 
-    from backend.findings.between import differences
-    from backend.findings.evidence import with_units
+    from backend.findings.between import compare_runs
     from backend.reports.charts import interval_text
 
-    db = Store(root)
-    rows = {r["run_id"]: r for r in db.runs() if r["run_id"] in (a, b)}
-    found, left_out = with_units(db, [rows[a], rows[b]])
-    if left_out:
-        return None
+    try:
+        _, _, found = compare_runs(Store(root), a, b)
+    except ValueError as err:
+        return str(err)
     return pd.DataFrame([{"metric": d.metric, "B - A": d.point, "95% interval": interval_text(d.interval, ".4g"),
-                          "units": f"{d.units} {d.unit}",
-                          "reading": d.reading()} for d in differences(*found)])
+                          "units": f"{d.units} {d.unit}", "reading": d.reading()} for d in found])
 
 
 def confirmed_delete(rid: str, prefix: str) -> dict | None:

@@ -170,8 +170,8 @@ else:
     with right:
         second = pick_run([r for r in shown if r["run_id"] != first["run_id"]], "b", "Run B")
     paired = paired_differences(first["run_id"], second["run_id"], str(store().root))
-    if paired is None:
-        st.info("One of these runs was measured before PruneScope kept per-example values: run it again to pair it.")
+    if isinstance(paired, str):
+        st.info(f"These runs cannot be paired: {paired}.")
     else:
         st.dataframe(paired, hide_index=True, width="stretch", key="paired", placeholder=charts.MISSING,
                      column_config={"B - A": st.column_config.NumberColumn(format="%+.4g")})

@@ -8,8 +8,8 @@ import time
 
 from backend.findings import study
 from backend.findings.claims import CLOSE_PPL
-from backend.findings.between import differences
-from backend.findings.evidence import cell_of, cohort_key, with_units
+from backend.findings.between import compare_runs
+from backend.findings.evidence import cell_of, cohort_key
 from backend.findings.service import build, queue
 from backend.runs.service import submit_many
 from backend.runs.store import Store
@@ -77,17 +77,9 @@ def cmd_findings(args: argparse.Namespace) -> dict:
 def cmd_compare(args: argparse.Namespace) -> dict:
     """Run B minus run A, every pruned metric both measured, each paired over the units both were scored on."""
     store = Store(args.store)
-    rows = {r["run_id"]: r for r in store.runs()}
-    ids = [store.find(args.a), store.find(args.b)]
-    found, left_out = with_units(store, [rows[rid] for rid in ids])
-    if left_out:
-        raise ValueError(f"run {left_out[0][0]} {left_out[0][1]}")
-    a, b = found
-    if a.row["protocol_key"] != b.row["protocol_key"]:
-        raise ValueError(f"runs {a.run_id[:8]} and {b.run_id[:8]} were measured with different protocols "
-                         f"({a.row['protocol_key']} and {b.row['protocol_key']}): they share no units to pair")
+    a, b, found = compare_runs(store, store.find(args.a), store.find(args.b))
     return {"a": a.run_id, "b": b.run_id, "a_label": cell_of(a.row).label(), "b_label": cell_of(b.row).label(),
-            "differences": [{**vars(d), "reading": d.reading()} for d in differences(a, b)]}
+            "differences": [{**vars(d), "reading": d.reading()} for d in found]}
 
 
 def print_compare(result: dict) -> None:
@@ -161,7 +153,8 @@ def print_findings(result: dict) -> None:
     if result.get("queued") is not None:
         print(f"\nqueued {len(result['queued'])} run(s): " + ", ".join(q["run_id"][:8] for q in result["queued"]))
     elif result["missing"]:
-        print(f"\n{len(result['missing'])} run(s) missing to decide: " + "; ".join(m["label"] for m in result["missing"]))
+        labels = "; ".join(m["label"] for m in result["missing"])
+        print(f"\n{len(result['missing'])} run(s) missing to decide: {labels}")
         print(f"queue exactly these: {result['queue_command']}")
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.findings.evidence import Evidence
+from backend.findings.evidence import Evidence, with_units
+from backend.runs.store import Store
 from backend.runs.uncertainty import DIVERGENCES, SETTINGS, TASK_SCORES, UNIT_OF
 from metrics.intervals import Bootstrap, paired_difference
 
@@ -90,3 +91,18 @@ def differences(a: Evidence, b: Evidence, settings: Bootstrap = SETTINGS) -> lis
             continue
         found.append(difference(a, b, metric, settings))
     return found
+
+
+def compare_runs(store: Store, a: str, b: str, settings: Bootstrap = SETTINGS) -> tuple[Evidence, Evidence,
+                                                                                       list[Difference]]:
+    """Two stored runs (ids) and b - a of every pruned metric both measured; ValueError when either has no per-unit
+    values or they were measured with different protocols (they share no units to pair)."""
+    rows = {r["run_id"]: r for r in store.runs() if r["run_id"] in (a, b)}
+    found, left_out = with_units(store, [rows[a], rows[b]])
+    if left_out:
+        raise ValueError(f"run {left_out[0][0]} {left_out[0][1]}")
+    first, second = found
+    if first.row["protocol_key"] != second.row["protocol_key"]:
+        raise ValueError(f"runs {a[:8]} and {b[:8]} were measured with different protocols "
+                         f"({first.row['protocol_key']} and {second.row['protocol_key']}): they share no units to pair")
+    return first, second, differences(first, second, settings)

@@ -56,7 +56,8 @@ class Ranking:
         if gap is None:
             return said + "."
         verdict = ("distinguishable from" if gap[1] > 0 else "not distinguishable, within noise, from")
-        return (f"{said}; it is {verdict} the next, {NAMES[self.runner_up]} (ρ {row.loc[self.runner_up].spearman:.2f}): "
+        runner_up = row.loc[self.runner_up].spearman
+        return (f"{said}; it is {verdict} the next, {NAMES[self.runner_up]} (ρ {runner_up:.2f}): "
                 f"their difference {gap[0]:.2f} has the interval [{gap[1]:.2f}, {gap[2]:.2f}]"
                 + (", above 0." if gap[1] > 0 else ", which holds 0."))
 

@@ -3,6 +3,8 @@ noise), the runs missing to decide them, and queueing exactly those with the coh
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from backend.findings.claims import HELD, INCONCLUSIVE, NOT_HELD
@@ -92,7 +94,6 @@ def test_a_second_run_of_a_cell_and_a_run_without_units_are_left_out_by_name(tmp
     with store.write() as db:  # a run measured before per-unit values were kept
         summary = db.execute("SELECT summary FROM metrics WHERE run_id = ?", (old,)).fetchone()[0]
     bare = add_run(store, cell("sparsegpt"), units(1.2, 0.2, 0.2, seed=3))
-    import json
     stripped = {k: v for k, v in json.loads(summary).items() if k not in ("units", "intervals")}
     with store.write() as db:
         db.execute("UPDATE metrics SET summary = ? WHERE run_id = ?", (json.dumps(stripped), bare))
