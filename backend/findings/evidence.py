@@ -122,8 +122,12 @@ def pick_cohort(store: Store, model: str | None = None, key: str | None = None) 
     rows = [r for r in store.runs() if model is None or r["model"] == model or
             os.path.basename(str(r["model"]).rstrip("/")) == model]
     found = cohorts(rows)
+    keys = [k for k, _ in found]
+    if key is not None and key not in keys:
+        raise ValueError(f"cohort {key!r} is not among this store's finished runs"
+                         + (f" of model {model!r}" if model else "") + ": use "
+                         + (f"one of {', '.join(keys)}" if keys else "no --cohort until a run has finished"))
     if not found:
         return None, []
-    keys = [k for k, _ in found]
-    chosen = key if key in keys else keys[0]
+    chosen = key or keys[0]
     return load_cohort(store, chosen, dict(found)[chosen]), [k for k in keys if k != chosen]
