@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Iterator
 
 import torch
@@ -42,6 +42,7 @@ from compression.report import (
     peak_rss_mb,
 )
 from compression.scope import LayerScope, check_scope, layer_scope
+from compression.targets import Targets, owl_sparsities
 from compression.timing import Stopwatch
 
 
@@ -130,25 +131,29 @@ class GroupState:
 
 
 def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, order: str = "sequential",
-                include: list[str] | None = None, exclude: list[str] | None = None, batch_size: int | None = None,
-                error_tokens: int = 256, device: torch.device | None = None, offload: bool = False,
+                targets: Targets | None = None, batch_size: int | None = None, error_tokens: int = 256,
+                device: torch.device | None = None, offload: bool = False,
                 progress: ProgressFn | None = None) -> PruneReport:
     """Prune every matrix in scope inside the decoder layers in place and report what happened to each one.
 
-    calibration: [nsamples, seqlen] token ids. With `offload`, the model stays on the CPU and each decoder layer
-    visits `device` only while it is processed, so models larger than the accelerator can be pruned. The run ends
-    by checking that its last layer's outputs equal the pruned model's own forward pass on one calibration sample.
+    calibration: [nsamples, seqlen] token ids. `targets` chooses the matrices and each one's sparsity (default: all,
+    at the method's sparsity). With `offload`, the model stays on the CPU and each decoder layer visits `device`
+    only while it is processed, so models larger than the accelerator can be pruned. The run ends by checking that
+    its last layer's outputs equal the pruned model's own forward pass on one calibration sample.
     """
     check_order(order)
+    targets = targets or Targets()
+    targets.check(method.sparsity, method.pattern.structured)
     if calibration.dim() != 2 or calibration.numel() == 0:
         raise ValueError(f"calibration must be a non-empty [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}")
     home = next(model.parameters()).device
     device = device or home
     dtype = next(model.parameters()).dtype
     prefix, layers = decoder_layers(model)
-    scopes = [layer_scope(layer, include, exclude) for layer in layers]
+    scopes = [layer_scope(layer, targets.include, targets.exclude, f"{prefix}.{i}") for i, layer in enumerate(layers)]
     check_scope(prefix, scopes, method.pattern)
-    if not method.needs_calibration:
+    goals = explicit_goals(prefix, scopes, targets, method.sparsity)
+    if not method.needs_calibration and targets.allocation == "uniform":
         calibration = calibration[:min(calibration.shape[0], max(1, -(-error_tokens // calibration.shape[1])))]
     nsamples, seqlen = calibration.shape
     batch_size = min(batch_size or auto_batch_size(model, nsamples, seqlen, device, dtype), nsamples)
@@ -158,6 +163,8 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
                          error_tokens)
     report.kept = [{**asdict(k), "name": f"{prefix}.{i}.{k.name}", "layer": i, "module": k.name}
                    for i, s in enumerate(scopes) for k in s.kept]
+    numels = [{n: w.numel() for n, w in s.targets.items()} for s in scopes]
+    sizes = [sum(n.values()) for n in numels]
     del scopes
     clock = Stopwatch(report.stages)
     notify = progress or (lambda _event: None)
@@ -171,15 +178,25 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
             inputs = capture_layer_inputs(model, layers, batches, device)
             if offload:
                 layers[0].to(home)
+        ratios: list[float] = []
+        if targets.allocation == "owl":
+            with clock("allocation pass"):
+                ratios = outlier_ratios(layers, prefix, inputs, targets, device, offload, notify)
+            owl = owl_sparsities(ratios, sizes, method.sparsity, targets.owl_lambda)
+            goals = [{name: owl[i] for name in layer_goals} for i, layer_goals in enumerate(goals)]
+        report.allocation = {**targets.to_dict(), "outlier_ratios": ratios,
+                             "layer_targets": [weighted(g, n) for g, n in zip(goals, numels)],
+                             "layer_parameters": sizes}
         hidden = inputs.hidden
         for index, layer in enumerate(layers):
             started = time.perf_counter()
             if offload:
                 layer.to(device)
-            scope = layer_scope(layer, include, exclude)
+            scope = layer_scope(layer, targets.include, targets.exclude, f"{prefix}.{index}")
             args, kwargs = inputs.args[index], inputs.kwargs[index]
             groups = input_groups(layer, scope.linears, hidden[0], args[0], kwargs[0])
-            run = LayerRun(index, layer, scope, method, device, report, clock, notify, len(layers), prefix, groups)
+            run = LayerRun(index, layer, scope, method, device, report, clock, notify, len(layers), prefix, groups,
+                           goals[index])
             hidden = run.execute(hidden, args, kwargs, batch_rows, order)
             done = {r.module for r in report.layers if r.layer == index}
             if done != set(scope.targets):
@@ -196,6 +213,54 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
     if device.type == "cuda":
         report.peak_device_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return report
+
+
+def explicit_goals(prefix: str, scopes: list[LayerScope], targets: Targets, sparsity: float) -> list[dict[str, float]]:
+    """Each decoder layer's {matrix name inside the layer: target sparsity} before any allocation pass."""
+    if targets.layers and len(targets.layers) != len(scopes):
+        raise ValueError(f"--layer-sparsity gives {len(targets.layers)} sparsities but the model has {len(scopes)} "
+                         f"decoder layers: give one per layer, or a JSON file of name patterns")
+    return [{name: targets.for_layer(i, f"{prefix}.{i}.{name}", name, sparsity) for name in scope.targets}
+            for i, scope in enumerate(scopes)]
+
+
+def weighted(goals: dict[str, float], numels: dict[str, int]) -> float | None:
+    """A layer's parameter-weighted target sparsity (None when nothing in it is pruned)."""
+    total = sum(numels[n] for n in goals)
+    return sum(goals[n] * numels[n] for n in goals) / total if total else None
+
+
+def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """OWL's layerwise outlier ratio: the share of all the scores above m times their mean."""
+    count = sum(x.numel() for x in scores)
+    mean = sum(float(x.sum(dtype=torch.float64)) for x in scores) / max(count, 1)
+    return sum(int((x > m * mean).sum()) for x in scores) / max(count, 1)
+
+
+def outlier_ratios(layers: nn.ModuleList, prefix: str, inputs, targets: Targets, device: torch.device, offload: bool,
+                   notify: ProgressFn) -> list[float]:
+    """One pass of the calibration through the dense layers (OWL's allocation needs every layer's ratio before the
+    first is pruned): per layer, Wanda's scores |W_ij| * ||X_j||_2 of every matrix in scope, experts included."""
+    from compression.methods.wanda import Wanda
+
+    scratch = PruneReport("owl", 0.0, "unstructured", "reference", 0, 0, 0, 0)
+    hidden, ratios, home = inputs.hidden, [], next(layers.parameters()).device
+    for index, layer in enumerate(layers):
+        if offload:
+            layer.to(device)
+        scope = layer_scope(layer, targets.include, targets.exclude, f"{prefix}.{index}")
+        args, kwargs = inputs.args[index], inputs.kwargs[index]
+        groups = input_groups(layer, scope.linears, hidden[0], args[0], kwargs[0])
+        run = LayerRun(index, layer, scope, Wanda(), device, scratch, Stopwatch(scratch.stages), notify, len(layers),
+                       prefix, groups, {})
+        run.batches, run.rows = len(hidden), [torch.empty(0, dtype=torch.long)] * len(hidden)
+        hidden = run.forward(hidden, args, kwargs, hooks=True, sequential=False)
+        ratios.append(outlier_ratio([w.abs().float() * s.stats.sq.sqrt().to(w.device)
+                                     for s in run.all_states for w in s.weights], targets.owl_m))
+        if offload:
+            layer.to(home)
+        notify(Progress("allocation", index + 1, len(layers)))
+    return ratios
 
 
 def check_against_model(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, propagated: torch.Tensor,
@@ -275,8 +340,8 @@ class LayerRun:
 
     def __init__(self, index: int, layer: nn.Module, scope: LayerScope, method: Method, device: torch.device,
                  report: PruneReport, clock: Stopwatch, notify: ProgressFn, total_layers: int, prefix: str,
-                 groups: list[list[str]]) -> None:
-        self.index, self.layer, self.scope, self.method = index, layer, scope, method
+                 groups: list[list[str]], goals: dict[str, float]) -> None:
+        self.index, self.layer, self.scope, self.method, self.goals = index, layer, scope, method, goals
         self.report, self.clock, self.notify, self.total_layers, self.prefix = report, clock, notify, total_layers, prefix
         self.states = [GroupState(g, [scope.targets[n] for n in g], method, device) for g in groups]
         self.expert_states: dict[tuple[str, str], list[GroupState | None]] = {}
@@ -395,13 +460,16 @@ class LayerRun:
         with self.clock("report"):
             dense = [sample @ w.float().t() for w in state.weights] if sample is not None else None
         method, note = self.method, state.note
+        goals = [self.goals.get(name, method.sparsity) for name in state.names]
         start = time.perf_counter()
         with self.clock("pruning"):
             if state.stats is not None and state.stats.tokens == 0:
                 from compression.methods.magnitude import Magnitude
                 method = Magnitude(pattern=method.pattern, sparsity=method.sparsity)
                 note = "; ".join(filter(None, [note, "no calibration token reached it: magnitude used"]))
-            method.prune(state.weights, state.stats)
+            for goal in sorted(set(goals)):
+                members = [w for w, g in zip(state.weights, goals) if g == goal]
+                (method if goal == method.sparsity else replace(method, sparsity=goal)).prune(members, state.stats)
         seconds = time.perf_counter() - start
         tokens = state.stats.tokens if state.stats is not None else 0
         total_rows = sum(w.shape[0] for w in state.weights)
@@ -411,5 +479,6 @@ class LayerRun:
             share = seconds * w.shape[0] / total_rows
             self.report.layers.append(MatrixReport(
                 name=f"{self.prefix}.{self.index}.{name}", layer=self.index, module=name, shape=tuple(w.shape),
-                sparsity=float((w == 0).sum()) / w.numel(), rel_error=rel, seconds=share, tokens=tokens, note=note))
+                sparsity=float((w == 0).sum()) / w.numel(), rel_error=rel, seconds=share, tokens=tokens, note=note,
+                target=goals[i]))
             self.notify(Progress("module", self.index + 1, self.total_layers, name, share))

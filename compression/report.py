@@ -21,6 +21,7 @@ class MatrixReport:
     seconds: float
     tokens: int
     note: str = ""
+    target: float = float("nan")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class PruneReport:
     model_sparsity: float = float("nan")
     model_parameters: int = 0
     check: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)
 
     @property
     def pruned_sparsity(self) -> float:

@@ -7,7 +7,6 @@ patterns keep others dense; any other matrix is refused with its name rather tha
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
@@ -16,15 +15,19 @@ from torch import nn
 from compression.experts import PROJECTIONS, expert_matrix, is_experts, projections
 from compression.layers import is_linear, weight_matrix
 from compression.patterns import Pattern
+from compression.targets import matches
 
 USER = "kept dense by the include/exclude patterns"
 ROUTER = "router (kept dense)"
 
 
-def select(names: list[str], include: list[str] | None, exclude: list[str] | None) -> list[str]:
-    """Names kept by fnmatch patterns: any include (default all), no exclude."""
-    kept = [n for n in names if not include or any(fnmatch.fnmatch(n, p) for p in include)]
-    return [n for n in kept if not exclude or not any(fnmatch.fnmatch(n, p) for p in exclude)]
+def select(names: list[str], include: tuple[str, ...] | list[str] | None, exclude: tuple[str, ...] | list[str] | None,
+           prefix: str = "") -> list[str]:
+    """Names inside a layer kept by fnmatch patterns on the full name (`prefix.name`) or the name inside the layer:
+    any include (default all), no exclude."""
+    full = lambda n: f"{prefix}.{n}" if prefix else n
+    kept = [n for n in names if not include or matches(full(n), n, include)]
+    return [n for n in kept if not exclude or not matches(full(n), n, exclude)]
 
 
 @dataclass
@@ -57,8 +60,10 @@ def _kept(name: str, w: torch.Tensor, reason: str) -> Kept:
     return Kept(name, tuple(w.shape), w.numel(), int((w == 0).sum()), reason)
 
 
-def layer_scope(layer: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None) -> LayerScope:
-    """Sort every matrix of `layer` into pruned, kept dense (with the reason) or unsupported."""
+def layer_scope(layer: nn.Module, include: tuple[str, ...] | list[str] | None = None,
+                exclude: tuple[str, ...] | list[str] | None = None, prefix: str = "") -> LayerScope:
+    """Sort every matrix of `layer` (whose full module name is `prefix`) into pruned, kept dense (with the reason)
+    or unsupported."""
     scope = LayerScope()
     modules = dict(layer.named_modules())
     experts = {name: m for name, m in modules.items() if name and is_experts(m)}
@@ -95,11 +100,11 @@ def layer_scope(layer: nn.Module, include: list[str] | None = None, exclude: lis
         short = name.removesuffix(".weight")
         if id(p) in routers:
             scope.kept.append(_kept(short, p.data, ROUTER))
-        elif select([short], include, exclude):
+        elif select([short], include, exclude, prefix):
             scope.unsupported.append(f"{short} {tuple(p.shape)}")
         else:
             scope.kept.append(_kept(short, p.data, USER))
-    chosen = set(select(list(candidates), include, exclude))
+    chosen = set(select(list(candidates), include, exclude, prefix))
     for name, w in candidates.items():
         if name in chosen:
             scope.targets[name] = w
@@ -115,7 +120,7 @@ def check_scope(prefix: str, scopes: list[LayerScope], pattern: Pattern) -> None
     if unsupported:
         raise ValueError(f"cannot prune {len(unsupported)} weight matrices that are neither Linear, Conv1D nor fused "
                          f"experts: {', '.join(unsupported[:4])}{' ...' if len(unsupported) > 4 else ''}; keep them "
-                         f"dense with --exclude (patterns match names inside a layer)")
+                         f"dense with --exclude (patterns match full names such as 'model.layers.0.mlp.gate' or names inside a layer)")
     if pattern.structured:
         bad = [(f"{prefix}.{i}.{n}", w.shape[1]) for i, s in enumerate(scopes) for n, w in s.targets.items()
                if w.shape[1] % pattern.m]

@@ -9,6 +9,7 @@ CATALOG: dict[str, str] = {
     "magnitude": "compression.methods.magnitude:Magnitude",
     "wanda": "compression.methods.wanda:Wanda",
     "sparsegpt": "compression.methods.sparsegpt:SparseGPT",
+    "ria": "compression.methods.ria:RIA",
 }
 METHOD_NAMES: tuple[str, ...] = tuple(CATALOG)
 

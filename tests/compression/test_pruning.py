@@ -11,9 +11,10 @@ from compression.driver import prune_model
 from compression.layers import decoder_layers, linear_modules, weight_matrix
 from compression.methods import create
 from compression.patterns import Pattern
+from compression.targets import Targets
 from tests.conftest import TINY, random_windows, tiny_model
 
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "ria"]
 
 
 def pruned_weights(model) -> dict[str, torch.Tensor]:
@@ -45,7 +46,7 @@ def test_exact_sparsity_for_every_pattern(method, pattern):
         zeros = w == 0
         if pat.structured:
             assert (zeros.reshape(w.shape[0], -1, pat.m).sum(-1) == pat.n).all(), name
-        elif method == "wanda":
+        elif method in ("wanda", "ria"):
             assert (zeros.sum(1) == w.shape[1] // 2).all(), name
         else:
             assert zeros.sum() == w.numel() // 2, name
@@ -172,8 +173,8 @@ def test_reference_and_sequential_orders_differ_after_the_first_group():
 
 def test_include_exclude_and_offload():
     model = tiny_model("llama")
-    report = prune_model(model, random_windows(), create("wanda", sparsity=0.5), include=["mlp.*"],
-                         exclude=["mlp.down_proj"], offload=True, device=torch.device("cpu"))
+    report = prune_model(model, random_windows(), create("wanda", sparsity=0.5),
+                         targets=Targets(include=("mlp.*",), exclude=("mlp.down_proj",)), offload=True, device=torch.device("cpu"))
     assert sorted({r.module for r in report.layers}) == ["mlp.gate_proj", "mlp.up_proj"]
     assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()
 
@@ -355,14 +356,16 @@ def test_a_matrix_of_unknown_kind_is_refused_by_name_or_kept_dense_when_excluded
         layer.self_attn.mixer = torch.nn.Parameter(torch.ones(4, 4))
     with pytest.raises(ValueError, match=r"cannot prune 2 weight matrices .* model.layers.0.self_attn.mixer \(4, 4\)"):
         prune_model(model, random_windows(), create("wanda", sparsity=0.5))
-    report = prune_model(model, random_windows(), create("wanda", sparsity=0.5), exclude=["self_attn.mixer"])
+    report = prune_model(model, random_windows(), create("wanda", sparsity=0.5),
+                           targets=Targets(exclude=("self_attn.mixer",)))
     assert [k["name"] for k in report.kept] == ["model.layers.0.self_attn.mixer", "model.layers.1.self_attn.mixer"]
     assert all(k["reason"] == "kept dense by the include/exclude patterns" for k in report.kept)
 
 
 def test_sparsity_over_the_whole_scope_and_the_whole_model():
     model = tiny_model("llama")
-    report = prune_model(model, random_windows(), create("wanda", sparsity=0.5), exclude=["mlp.down_proj"])
+    report = prune_model(model, random_windows(), create("wanda", sparsity=0.5),
+                           targets=Targets(exclude=("mlp.down_proj",)))
     kept = {k["name"]: k for k in report.kept}
     assert set(kept) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
     params = {n: p for n, p in model.named_parameters()}
