@@ -23,8 +23,9 @@ from backend.runs.identity import code_version, library_versions
 from backend.runs.spec import CALIBRATION_TEMPLATES, EvalSettings, RunSpec
 from backend.runs.store import Store
 from backend.sources.names import DEFAULT_MODEL
+from compression.targets import Targets
 
-__all__ = ["EvalSettings", "Pruned", "RunSpec", "evaluate", "findings", "load", "load_runs", "prune", "submit", "wait"]
+__all__ = ["EvalSettings", "Pruned", "RunSpec", "Targets", "evaluate", "findings", "load", "load_runs", "prune", "submit", "wait"]
 
 
 @dataclass
@@ -58,12 +59,13 @@ def load(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", 
 
 def prune(model: str = DEFAULT_MODEL, method: str = "wanda", sparsity: float = 0.5, *, pattern: str = "unstructured",
           calibration: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, template: str = "alpaca",
-          order: str = "sequential", per_row: bool = False, include: list[str] | None = None,
-          exclude: list[str] | None = None, batch_size: int | None = None, error_tokens: int = 256,
-          data_dir: str | None = None, device: str = "auto", dtype: str = "auto", offload: bool = False,
-          trust_remote_code: bool = False, progress: Callable | None = None, log: Log = stderr_log) -> Pruned:
+          order: str = "sequential", per_row: bool = False, targets: Targets | None = None, ria_a: float = 0.5,
+          batch_size: int | None = None, error_tokens: int = 256, data_dir: str | None = None, device: str = "auto",
+          dtype: str = "auto", offload: bool = False, trust_remote_code: bool = False, progress: Callable | None = None,
+          log: Log = stderr_log) -> Pruned:
     """Load `model`, build its calibration windows and prune it layer by layer; every argument is checked, with a
-    message naming the bad value, before the model is loaded."""
+    message naming the bad value, before the model is loaded. `targets` chooses the matrices (include/exclude on
+    full names) and spreads the sparsity (uniform, OWL, explicit per layer); `ria_a` is RIA's exponent."""
     from backend.sources import models
     from backend.sources.calibration import build_calibration, open_source
     from compression.driver import prune_model
@@ -75,8 +77,11 @@ def prune(model: str = DEFAULT_MODEL, method: str = "wanda", sparsity: float = 0
     check_sparsity(sparsity, parsed)
     if per_row and method != "magnitude":
         raise ValueError(f"per_row applies to magnitude only, not {method!r}")
-    engine = create(method, sparsity=sparsity, pattern=parsed, **({"per_row": True} if per_row else {}))
+    engine = create(method, sparsity=sparsity, pattern=parsed, **({"per_row": True} if per_row else {}),
+                    **({"a": ria_a} if method == "ria" else {}))
     check_order(order)
+    targets = targets or Targets()
+    targets.check(sparsity, parsed.structured)
     for name, value in (("batch_size", batch_size), ("error_tokens", error_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"{name} {value} is not allowed: use a positive integer")
@@ -93,15 +98,14 @@ def prune(model: str = DEFAULT_MODEL, method: str = "wanda", sparsity: float = 0
     started = time.perf_counter()
     windows = build_calibration(source, lm.model, lm.tokenizer, nsamples, seqlen, seed, template)
     stages["calibration"] = time.perf_counter() - started
-    report = prune_model(lm.model, windows, engine, order=order, include=include, exclude=exclude,
-                         batch_size=batch_size, error_tokens=error_tokens, device=compute, offload=offload,
-                         progress=progress)
+    report = prune_model(lm.model, windows, engine, order=order, targets=targets, batch_size=batch_size,
+                         error_tokens=error_tokens, device=compute, offload=offload, progress=progress)
     if not report.layers:
-        raise ValueError(f"no weight matrix matched include {include} exclude {exclude}")
+        raise ValueError(f"no weight matrix matched include {list(targets.include)} exclude {list(targets.exclude)}")
     stages.update(report.stages)
     spec = {"model": model, "model_path": lm.path, "method": method, "sparsity": sparsity, "pattern": str(parsed),
             "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "template": template,
-            "order": order, "per_row": per_row, "include": include, "exclude": exclude,
+            "order": order, "per_row": per_row, "targets": targets.to_dict(), **({"ria_a": ria_a} if method == "ria" else {}),
             "dtype": str(lm.dtype).removeprefix("torch."), "device": str(compute), "offload": offload,
             "provenance": {"device_type": compute.type, "dtype": str(lm.dtype).removeprefix("torch."),
                            "code": code_version(), **library_versions()}}

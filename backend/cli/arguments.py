@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from backend.runs.spec import EvalSettings, RunSpec
+from compression.methods import METHOD_NAMES
+from compression.targets import ALLOCATIONS, Targets, parse_layer_sparsity
 
 
 def parse_fraction(text: str) -> float:
@@ -26,7 +28,7 @@ def common(parser: argparse.ArgumentParser) -> None:
 
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     """What to prune and how to calibrate; shared by prune and run."""
-    parser.add_argument("--method", required=True, help="magnitude, wanda or sparsegpt")
+    parser.add_argument("--method", required=True, help=", ".join(METHOD_NAMES))
     parser.add_argument("--sparsity", type=parse_fraction, required=True, help="fraction of weights to remove, in [0, 1)")
     parser.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4, 4:8")
     parser.add_argument("--calibration", default="c4", help="c4, c4-validation, alpaca, unnatural, wikitext2, demo, "
@@ -43,6 +45,35 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                                                                 "model's context is an error)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--template", default="alpaca", help="prompt template for instruction records: alpaca or chat")
+
+
+def add_target_arguments(parser: argparse.ArgumentParser, grid: bool = False) -> None:
+    """Which matrices are pruned and how the sparsity is spread over them; shared by prune, run and sweep (where
+    the allocation is a grid dimension)."""
+    parser.add_argument("--include", action="append", help="fnmatch pattern of matrices to prune, on full names "
+                        "('model.layers.0.*', '*.mlp.down_proj', 'model.layers.1[0-5].*') or names inside a layer "
+                        "('mlp.*'); repeatable, default all")
+    parser.add_argument("--exclude", action="append", help="fnmatch pattern of matrices to leave dense (repeatable)")
+    if grid:
+        parser.add_argument("--allocations", nargs="+", default=["uniform"], metavar="ALLOCATION",
+                            help=f"per-layer allocations to sweep: {', '.join(ALLOCATIONS)}")
+    else:
+        parser.add_argument("--allocation", default="uniform", help="uniform (every matrix at --sparsity) or owl "
+                            "(outlier-weighted: layers with more outliers pruned less, mean kept at --sparsity)")
+    parser.add_argument("--owl-m", type=float, default=5.0, help="OWL: a score is an outlier above M x the layer's "
+                                                                 "mean score (default 5)")
+    parser.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: layer sparsities stay within "
+                                                                       "--sparsity +/- lambda (default 0.08)")
+    parser.add_argument("--layer-sparsity", help="explicit sparsities: one per decoder layer ('0.3,0.4,...') or a JSON "
+                        "file of {full-name pattern: sparsity}; matrices no pattern names get --sparsity")
+
+
+def targets_from(args: argparse.Namespace, allocation: str | None = None) -> Targets:
+    """The targets the flags ask for, with the grid's allocation when one is given."""
+    layers, patterns = parse_layer_sparsity(args.layer_sparsity)
+    return Targets(include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
+                   allocation=allocation or args.allocation, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+                   layers=layers, patterns=patterns)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser, template_flag: str) -> None:
@@ -92,9 +123,10 @@ def evaluation_from(args: argparse.Namespace) -> EvalSettings:
                         judge_model=args.judge_model, judge_base_url=args.judge_base_url, jsd_limit=args.jsd_limit)
 
 
-def spec_from(args: argparse.Namespace, method: str, sparsity: float, pattern: str, calibration: str) -> RunSpec:
-    """One run of a command's flags, with the grid's method, sparsity, pattern and calibration."""
+def spec_from(args: argparse.Namespace, method: str, sparsity: float, pattern: str, calibration: str,
+              allocation: str | None = None) -> RunSpec:
+    """One run of a command's flags, with the grid's method, sparsity, pattern, calibration and allocation."""
     return RunSpec(method=method, sparsity=sparsity, model=args.model, pattern=pattern, calibration=calibration,
                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, template=args.template,
-                   order=args.order, per_row=args.per_row, dtype=args.dtype,
-                   evaluation=evaluation_from(args)).normalised()
+                   order=args.order, per_row=args.per_row, dtype=args.dtype, evaluation=evaluation_from(args),
+                   targets=targets_from(args, allocation)).normalised()

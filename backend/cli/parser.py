@@ -14,6 +14,7 @@ from backend.cli.arguments import (
     add_run_options,
     add_spec_arguments,
     add_store_argument,
+    add_target_arguments,
     common,
 )
 from backend.cli.render import (
@@ -42,10 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_arguments(prune)
     prune.add_argument("--order", default="sequential", help="sequential (one pass per layer) or reference (two passes)")
     prune.add_argument("--per-row", action="store_true", help="magnitude: one threshold per row instead of per matrix")
-    prune.add_argument("--include", action="append", help="fnmatch pattern of matrix names inside a layer to "
-                        "prune (repeatable; default all), e.g. 'mlp.*' or 'mlp.experts.*.down_proj'")
-    prune.add_argument("--exclude", action="append", help="fnmatch pattern of matrix names to leave dense "
-                                                          "(repeatable)")
+    add_target_arguments(prune)
+    prune.add_argument("--ria-a", type=float, default=0.5, help="RIA: the exponent of the input norms (default 0.5)")
     prune.add_argument("--batch-size", type=int, help="calibration windows per forward (default: all that fit)")
     prune.add_argument("--error-tokens", type=int, default=256, help="calibration tokens sampled to measure each "
                                                                      "matrix's reconstruction error (default 256)")
@@ -80,15 +79,18 @@ def add_run_parsers(sub) -> None:
     """The store commands: run, sweep, list, show, export, report, worker, cancel."""
     run = sub.add_parser("run", help="prune and evaluate as one run in the store (cached when already done)")
     add_spec_arguments(run)
+    add_target_arguments(run)
     add_run_options(run)
     run.add_argument("--detach", action="store_true", help="return at once; the worker goes on in the background")
 
-    sweep = sub.add_parser("sweep", help="a grid of runs: methods x sparsities x calibrations x patterns")
+    sweep = sub.add_parser("sweep", help="a grid of runs: methods x sparsities x calibrations x patterns x "
+                                         "allocations")
     sweep.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
     sweep.add_argument("--sparsities", nargs="+", type=float, default=[0.5])
     sweep.add_argument("--calibrations", nargs="+", default=["c4"])
     sweep.add_argument("--patterns", nargs="+", default=["unstructured"])
     add_calibration_arguments(sweep)
+    add_target_arguments(sweep, grid=True)
     add_run_options(sweep)
     sweep.add_argument("--detach", action="store_true", help="queue the grid and return at once")
 

@@ -7,7 +7,8 @@ import json
 import os
 import time
 
-from backend.cli.arguments import evaluation_from
+from backend.cli.arguments import evaluation_from, targets_from
+from compression.targets import Targets
 from backend.cli.render import progress_bar
 from backend.log import stderr_log
 
@@ -20,7 +21,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     from compression.report import peak_rss_mb
 
     check_target(args.save, args.overwrite)  # refused before minutes of pruning, not after
-    check_flags(args)
+    targets = check_flags(args)
     check_calibration(args.model, args.calibration, args.nsamples, args.seqlen, args.template,
                       data_dir=args.data_dir, trust_remote_code=args.trust_remote_code)
     started = time.perf_counter()
@@ -36,7 +37,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     try:
         pruned = api.prune(args.model, args.method, args.sparsity, pattern=args.pattern, calibration=args.calibration,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, template=args.template,
-                           order=args.order, per_row=args.per_row, include=args.include, exclude=args.exclude,
+                           order=args.order, per_row=args.per_row, targets=targets, ria_a=args.ria_a,
                            batch_size=args.batch_size, error_tokens=args.error_tokens, data_dir=args.data_dir,
                            device=args.device, dtype=args.dtype, offload=args.offload,
                            trust_remote_code=args.trust_remote_code, progress=on_progress)
@@ -53,17 +54,20 @@ def cmd_prune(args: argparse.Namespace) -> dict:
             "layers": [{k: v for k, v in row.items() if k != "note" or v} for row in report.to_dict()["layers"]]}
 
 
-def check_flags(args: argparse.Namespace) -> None:
+def check_flags(args: argparse.Namespace) -> Targets:
     """The checks api.prune makes first, of flags that need nothing read, made before the calibration check so that
-    the one error line names a bad flag rather than what the calibration check found."""
+    the one error line names a bad flag rather than what the calibration check found; returns the targets."""
     from compression.methods import create
     from compression.orders import check_order
     from compression.patterns import check_sparsity, parse_pattern
 
     pattern = parse_pattern(args.pattern)
     check_sparsity(args.sparsity, pattern)
-    create(args.method, sparsity=args.sparsity, pattern=pattern)
+    create(args.method, sparsity=args.sparsity, pattern=pattern, **({"a": args.ria_a} if args.method == "ria" else {}))
     check_order(args.order)
+    targets = targets_from(args)
+    targets.check(args.sparsity, pattern.structured)
+    return targets
 
 
 def cmd_ppl(args: argparse.Namespace) -> dict:

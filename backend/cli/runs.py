@@ -71,9 +71,9 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 
 def cmd_sweep(args: argparse.Namespace) -> dict:
-    specs = [spec_from(args, method, sparsity, pattern, calibration)
-             for method, sparsity, calibration, pattern in itertools.product(
-                 args.methods, args.sparsities, args.calibrations, args.patterns)]
+    specs = [spec_from(args, method, sparsity, pattern, calibration, allocation)
+             for method, sparsity, calibration, pattern, allocation in itertools.product(
+                 args.methods, args.sparsities, args.calibrations, args.patterns, args.allocations)]
     store = Store(args.store)
     submitted = submit_many(store, specs, args.data_dir, args.device)
     if not args.detach:

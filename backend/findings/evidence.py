@@ -14,7 +14,7 @@ from backend.findings.study import Cell
 from backend.runs.protocol import protocol_label
 from backend.runs.store import RECIPE_FIELDS, Store
 
-COHORT_FIELDS = ("model", "nsamples", "seqlen", "seed", *RECIPE_FIELDS, "protocol_key")
+COHORT_FIELDS = ("model", "nsamples", "seqlen", "seed", *RECIPE_FIELDS, "allocation", "protocol_key")
 
 
 @dataclass(frozen=True)

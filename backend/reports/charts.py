@@ -48,7 +48,7 @@ LABELS.update({f"{column}_ci": f"{LABELS[column]} 95% interval" for column in li
 DIVERGENCES = ("jsd", "kl_dense_pruned", "kl_pruned_dense", "answer_jsd")
 LAYER_VALUES: dict[str, str] = {"rel_error": "relative reconstruction error", "sparsity": "sparsity"}
 PX_PER_LAYER = 22
-METHOD_COLOURS = {"magnitude": "#636EFA", "wanda": "#EF553B", "sparsegpt": "#00CC96"}
+METHOD_COLOURS = {"magnitude": "#636EFA", "wanda": "#EF553B", "sparsegpt": "#00CC96", "ria": "#AB63FA"}
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "pentagon", "hexagon")
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 MISSING = "–"

@@ -124,12 +124,16 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
                     **({"per_row": True} if spec.per_row else {}))
 
     def on_layer(event: Progress) -> None:
+        if event.stage == "allocation":
+            report("pruning", 0, event.layers, message=f"OWL allocation pass (dense outlier ratios): layer "
+                                                        f"{event.layer} of {event.layers}")
+            return
         done = event.layer if event.stage == "layer" else event.layer - 1
         report("pruning", done, event.layers, message=f"layer {event.layer} of {event.layers} {event.module}".strip())
 
     started = time.perf_counter()
-    pruned = prune_model(working.model, calibration, method, order=spec.order, device=working.device,
-                         progress=on_layer)
+    pruned = prune_model(working.model, calibration, method, order=spec.order, targets=spec.targets,
+                         device=working.device, progress=on_layer)
     prune = {**pruned.to_dict(), "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
              "calibration_held_out": held_out}
     layers = prune.pop("layers")

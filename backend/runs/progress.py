@@ -25,7 +25,8 @@ PRIOR_SECONDS = {
     "divergence on answers": 0.25,  # per answer, both models
 }
 PRIOR_PARAMS = 135e6
-METHOD_COST = {"magnitude": 0.5, "wanda": 1.0, "sparsegpt": 1.6}
+METHOD_COST = {"magnitude": 0.5, "wanda": 1.0, "sparsegpt": 1.6, "ria": 1.0}
+OWL_PASS_COST = 0.5  # OWL's allocation pass: one dense forward of the calibration through every layer
 CONFIDENCE_S = 10.0  # how many seconds of the plan the prior is worth against the pace measured so far
 
 
@@ -57,7 +58,8 @@ def plan_for(spec: RunSpec, params: int, layers: int, dense_reused: bool, measur
 
     stages = [stage("calibration", spec.nsamples * (spec.seqlen if self_generated else 1),
                     "calibration self" if self_generated else None),
-              stage("pruning", layers * spec.nsamples * spec.seqlen * METHOD_COST.get(spec.method, 1.0)),
+              stage("pruning", layers * spec.nsamples * spec.seqlen * (METHOD_COST.get(spec.method, 1.0)
+                                                                        + OWL_PASS_COST * (spec.targets.allocation == "owl"))),
               stage("saving", 1)]
     for side in ("pruned",) if dense_reused else ("dense", "pruned"):
         if ev.ppl:

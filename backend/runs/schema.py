@@ -77,6 +77,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN remaining_s REAL;
     ALTER TABLE jobs ADD COLUMN timings TEXT;
     """,
+    # 5: each matrix's target sparsity (uniform, OWL's allocation or explicit), beside the sparsity it reached
+    """
+    ALTER TABLE layers ADD COLUMN target REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -18,6 +18,7 @@ from backend.sources.names import DEFAULT_MODEL, DTYPE_NAMES, model_problem
 from compression.methods import METHOD_NAMES as METHODS
 from compression.orders import ORDERS
 from compression.patterns import check_sparsity, parse_pattern
+from compression.targets import Targets
 from metrics.prompts import TEMPLATES
 
 CALIBRATION_TEMPLATES = ("alpaca", "chat")
@@ -97,6 +98,7 @@ class RunSpec:
     per_row: bool = False
     dtype: str = "auto"
     evaluation: EvalSettings = field(default_factory=EvalSettings)
+    targets: Targets = field(default_factory=Targets)  # which matrices, and each one's sparsity
 
     def normalised(self) -> RunSpec:
         """Validate, then canonical spellings (lower-case method, '2:4', absolute local paths, rounded sparsity)."""
@@ -111,9 +113,14 @@ class RunSpec:
         if evaluation.judge_model:
             from metrics.judge import configured_endpoint, public_url
             evaluation = replace(evaluation, judge_base_url=public_url(evaluation.judge_base_url or configured_endpoint()))
+        targets = self.targets
+        targets = replace(targets, include=tuple(targets.include), exclude=tuple(targets.exclude),
+                          owl_m=float(targets.owl_m), owl_lambda=float(targets.owl_lambda),
+                          layers=tuple(round(float(v), 6) for v in targets.layers),
+                          patterns=tuple((p, round(float(v), 6)) for p, v in targets.patterns))
         return replace(self, method=self.method.strip().lower(), model=model, calibration=calibration,
                        pattern=str(parse_pattern(self.pattern.strip())), sparsity=round(float(self.sparsity), 6),
-                       evaluation=evaluation)
+                       evaluation=evaluation, targets=targets)
 
     def held_out_records(self) -> int:
         """How many leading records of the calibration source the evaluation reads (divergence, tasks): calibration
@@ -157,6 +164,12 @@ class RunSpec:
         if not isinstance(self.evaluation, EvalSettings):
             raise SpecError("evaluation must be EvalSettings")
         self.evaluation.check()
+        if not isinstance(self.targets, Targets):
+            raise SpecError("targets must be Targets")
+        try:
+            self.targets.check(float(self.sparsity), pattern.structured)
+        except ValueError as err:
+            raise SpecError(str(err)) from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,11 +188,18 @@ class RunSpec:
             if bad:
                 raise SpecError(f"unknown evaluation field(s) {', '.join(bad)}: allowed are {', '.join(sorted(allowed))}")
             evaluation = EvalSettings(**evaluation)
-        return cls(**{**data, "evaluation": evaluation})
+        targets = data.get("targets") or {}
+        if isinstance(targets, dict):
+            try:
+                targets = Targets.from_dict(targets)
+            except ValueError as err:
+                raise SpecError(str(err)) from None
+        return cls(**{**data, "evaluation": evaluation, "targets": targets})
 
     def summary(self) -> str:
         """A short label such as 'wanda 50% unstructured, c4 32x256'."""
-        return (f"{self.method} {self.sparsity:.0%} {self.pattern}, {Path(self.calibration).name} "
+        targets = "" if self.targets == Targets() else f" ({self.targets.describe()})"
+        return (f"{self.method} {self.sparsity:.0%} {self.pattern}{targets}, {Path(self.calibration).name} "
                 f"{self.nsamples}x{self.seqlen}")
 
 
@@ -197,8 +217,12 @@ def fingerprints(spec: RunSpec, data_dir: str | None = None, device: str = "auto
 
 
 def run_id(spec: RunSpec, prints: dict) -> str:
-    """The same experiment on the same model files and data gets the same id."""
-    canonical = json.dumps({"spec": spec.to_dict(), "fingerprints": prints}, sort_keys=True, default=str)
+    """The same experiment on the same model files and data gets the same id. Targets came after runs were first
+    stored: left at their default they are left out, so those runs keep their ids."""
+    words = spec.to_dict()
+    if spec.targets == Targets():
+        del words["targets"]
+    canonical = json.dumps({"spec": words, "fingerprints": prints}, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

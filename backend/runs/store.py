@@ -17,6 +17,7 @@ from backend.runs.lock import UNKNOWN, lock_holder
 from backend.runs.protocol import protocol_key, protocol_of
 from backend.runs.schema import SCHEMA_VERSION, StoreError, migrate
 from backend.runs.spec import RunSpec
+from compression.targets import Targets
 
 __all__ = ["ACTIVE", "DB_NAME", "FINAL", "SCHEMA_VERSION", "STATES", "Store", "StoreError", "Submission"]
 
@@ -25,7 +26,7 @@ ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "interrupted", "cancelled")
 STATES = ACTIVE + FINAL
 # spec fields beyond the filters that decide how the calibration made a pruned model (runs differing only in the
-# calibration source pair up in a study only when these agree)
+# calibration source pair up in a study only when these agree, and the targets' allocation too)
 RECIPE_FIELDS = ("template", "order", "per_row", "dtype")
 
 
@@ -199,9 +200,10 @@ class Store:
     @staticmethod
     def _write_layers(db: sqlite3.Connection, run_id: str, layers: list[dict]) -> None:
         db.execute("DELETE FROM layers WHERE run_id = ?", (run_id,))
-        db.executemany("INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        db.executemany("INSERT INTO layers (run_id, name, layer, module, sparsity, rel_error, seconds, rows, cols, "
+                       "tokens, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        [(run_id, r["name"], r["layer"], r["module"], r["sparsity"], r["rel_error"], r["seconds"],
-                         r["shape"][0], r["shape"][1], r["tokens"]) for r in layers])
+                         r["shape"][0], r["shape"][1], r["tokens"], r.get("target")) for r in layers])
 
     def save_artifact(self, run_id: str, name: str, path: Path, files: dict[str, dict]) -> None:
         with self.write() as db:
@@ -293,6 +295,7 @@ def run_record(row: sqlite3.Row, current_code: str) -> dict:
     out = {"run_id": row["run_id"], **{k: spec[k] for k in ("model", "method", "sparsity", "pattern", "calibration",
                                                             "nsamples", "seqlen", "seed")},
            **{k: spec.get(k) for k in RECIPE_FIELDS},
+           "allocation": Targets.from_dict(spec.get("targets") or {}).describe(),
            "state": state, "stage": row["stage"], "done": row["done"], "total": row["total"],
            "message": row["message"], "worker_pid": row["worker_pid"],
            "heartbeat": row["heartbeat"], "created_at": row["created_at"], "started_at": row["started_at"],
