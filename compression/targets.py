@@ -122,24 +122,23 @@ class Targets:
 
 
 def parse_layer_sparsity(text: str | None) -> tuple[tuple[float, ...], tuple[tuple[str, float], ...]]:
-    """`--layer-sparsity`: '0.3,0.4,...' (one per decoder layer) or a JSON file of {full-name pattern: sparsity}.
-    The file's contents are read now, so a run's identity follows them, not the path."""
+    """`--layer-sparsity`: '0.3,0.4,...' (one per decoder layer), or a JSON object of {full-name pattern: sparsity}
+    given inline or as a file. A file's contents are read now, so a run's identity follows them, not the path."""
     if not text or not text.strip():
         return (), ()
     text = text.strip()
+    if text.startswith("{"):
+        return (), _patterns(text, "--layer-sparsity")
     if text.endswith(".json") or Path(text).expanduser().is_file():
         path = Path(text).expanduser()
         if not path.is_file():
             raise ValueError(f"--layer-sparsity file {text!r} does not exist: give a JSON file of "
                              f'{{"pattern": sparsity}} or a comma-separated list such as 0.4,0.5,0.6')
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"--layer-sparsity file {text!r} is not valid JSON ({err})") from None
-        if not isinstance(data, dict) or not data:
-            raise ValueError(f"--layer-sparsity file {text!r} must hold a non-empty JSON object of "
-                             f'{{"full-name pattern": sparsity}}, such as {{"model.layers.0.*": 0.3}}')
-        return (), tuple((str(p), _fraction(s, f"layer-sparsity of {p!r}")) for p, s in data.items())
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--layer-sparsity file {text!r} cannot be read ({err})") from None
+        return (), _patterns(content, f"--layer-sparsity file {text!r}")
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
@@ -148,6 +147,25 @@ def parse_layer_sparsity(text: str | None) -> tuple[tuple[float, ...], tuple[tup
     for i, v in enumerate(values):
         _fraction(v, f"layer-sparsity of decoder layer {i}")
     return values, ()
+
+
+def _patterns(content: str, what: str) -> tuple[tuple[str, float], ...]:
+    """A JSON object of {full-name pattern: sparsity} as ordered pairs."""
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f'{what} must hold a non-empty JSON object of {{"full-name pattern": sparsity}}, such as '
+                         f'{{"model.layers.0.*": 0.3}}')
+    return tuple((str(p), _fraction(s, f"layer-sparsity of {p!r}")) for p, s in data.items())
+
+
+def layer_sparsity_text(targets: Targets) -> str:
+    """The --layer-sparsity text that gives these targets' explicit sparsities ('' when there are none)."""
+    if targets.layers:
+        return ",".join(f"{v:g}" for v in targets.layers)
+    return json.dumps(dict(targets.patterns)) if targets.patterns else ""
 
 
 def owl_sparsities(ratios: list[float], sizes: list[int], sparsity: float, lam: float) -> list[float]:

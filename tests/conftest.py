@@ -140,6 +140,17 @@ def filled_store(tmp_path_factory, tiny_folder) -> Path:
     stop_worker(root)
 
 
+@pytest.fixture(scope="session")
+def owl_store(tmp_path_factory, tiny_folder) -> Path:
+    """A store with RIA on the tiny model at 60%, uniform and OWL-allocated, made by the real CLI and worker."""
+    root = tmp_path_factory.mktemp("owl-store")
+    backend_cli(root, "sweep", "--model", str(tiny_folder), "--methods", "ria", "--sparsities", "0.6",
+                "--allocations", "uniform", "owl", "--calibrations", "demo-prose", "--nsamples", "4", "--seqlen", "64",
+                *TINY_EVAL)
+    yield root
+    stop_worker(root)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """Say how many tests were skipped, plainly, so a CI log shows at a glance that everything ran."""
     skipped = len(terminalreporter.stats.get("skipped", []))

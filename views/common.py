@@ -40,8 +40,10 @@ def data_dir() -> str | None:
 def label(row: dict) -> str:
     """A run as one line: id, method, sparsity, pattern, calibration, model."""
     name = os.path.basename(str(row["model"]).rstrip("/")) or row["model"]
-    return (f"{row['run_id'][:8]} · {row['method']} {row['sparsity']:.0%} {row['pattern']} · "
-            f"{os.path.basename(row['calibration'])} · {name}" + (" · other code" if row.get("other_code") else ""))
+    allocation = row.get("allocation") or "uniform"
+    return (f"{row['run_id'][:8]} · {row['method']} {row['sparsity']:.0%} {row['pattern']}"
+            + ("" if allocation == "uniform" else f" {allocation}")
+            + f" · {os.path.basename(row['calibration'])} · {name}" + (" · other code" if row.get("other_code") else ""))
 
 
 def pick_run(rows: list[dict], key: str = "run", title: str = "Run", optional: bool = False) -> dict | None:

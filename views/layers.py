@@ -27,6 +27,14 @@ if not layers:
     st.caption("This run has no per-layer report.")
 else:
     st.plotly_chart(charts.layer_heatmap(layers, value, title=f"{VALUES[value]} · {label(run)}"), key="heatmap")
+    allocation = ((db.metrics(run["run_id"]) or {}).get("prune") or {}).get("allocation") or {}
+    st.plotly_chart(charts.layer_allocation(layers, allocation), key="allocation")
+    st.caption(f"Allocation: {run.get('allocation') or 'uniform'}. "
+               + ("OWL gives each decoder layer a sparsity from its outlier ratio (the share of its |W|·‖X‖ scores "
+                  "above M x their mean, measured on the dense model): more outliers, less pruned; the "
+                  "parameter-weighted mean stays at the run's sparsity." if allocation.get("outlier_ratios") else
+                  "Each matrix's target is the run's sparsity unless the run set per-layer targets.")
+               + " A row's count of zeros is rounded down, so a layer can sit just under its target.")
     with st.expander("Per-layer rows"):
         st.dataframe(pd.DataFrame(layers).drop(columns=["run_id"], errors="ignore"), hide_index=True)
 

@@ -14,6 +14,7 @@ from backend.runs.protocol import metric_note
 from backend.runs.spec import DEFAULT_MODEL, METHODS, EvalSettings, RunSpec, SpecError
 from backend.runs.store import StoreError
 from backend.runs.uncertainty import ROW_INTERVALS
+from compression.targets import ALLOCATIONS, Targets, layer_sparsity_text, parse_layer_sparsity
 from views.common import data_dir, fmt, store
 from views.progress import show_progress
 
@@ -42,7 +43,11 @@ def values_of(spec: RunSpec) -> dict:
               "calibration_file": "" if named else spec.calibration, "nsamples": spec.nsamples,
               "seqlen": spec.seqlen, "seed": spec.seed, "ppl": ev.ppl or NONE, "jsd": ev.jsd or NONE,
               "tasks": ev.tasks or NONE, "limit": ev.limit, "ppl_windows": ev.ppl_windows,
-              "ppl_seqlen": ev.ppl_seqlen, "max_new_tokens": ev.max_new_tokens, "jsd_limit": ev.jsd_limit or 0, "judge_url": ev.judge_base_url or ""}
+              "ppl_seqlen": ev.ppl_seqlen, "max_new_tokens": ev.max_new_tokens, "jsd_limit": ev.jsd_limit or 0,
+              "judge_url": ev.judge_base_url or "", "allocation": spec.targets.allocation,
+              "owl_m": float(spec.targets.owl_m), "owl_lambda": float(spec.targets.owl_lambda),
+              "include": " ".join(spec.targets.include), "exclude": " ".join(spec.targets.exclude),
+              "layer_sparsity": layer_sparsity_text(spec.targets)}
     if named:
         values["calibration"] = spec.calibration
     if ev.judge_model:
@@ -141,6 +146,24 @@ def form(status: dict[str, str]) -> RunSpec | None:
             nsamples = a.number_input("Samples", min_value=1, key="nsamples")
             seqlen = b.number_input("Sequence length", min_value=2, key="seqlen")
             seed = c.number_input("Seed", min_value=0, key="seed")
+            with st.expander("Which matrices, and how much each (OWL, per layer)"):
+                allocation = st.selectbox("Allocation", ALLOCATIONS, key="allocation",
+                                          help="uniform: every matrix at the sparsity. owl: outlier-weighted layerwise "
+                                               "sparsity, layers with more outliers pruned less, the mean kept at the "
+                                               "sparsity (unstructured only)")
+                a, b = st.columns(2)
+                owl_m = a.number_input("OWL M", min_value=0.1, step=0.5, key="owl_m",
+                                       help="a score is an outlier above M x its layer's mean")
+                owl_lambda = b.number_input("OWL lambda", min_value=0.01, max_value=0.49, step=0.01, key="owl_lambda",
+                                            help="each layer's sparsity stays within sparsity +/- lambda")
+                include = st.text_input("Only these matrices (fnmatch patterns, space-separated)", key="include",
+                                        help="full names such as model.layers.0.* or *.mlp.down_proj, or names inside "
+                                             "a layer such as mlp.*; empty: all")
+                exclude = st.text_input("Keep these dense (fnmatch patterns, space-separated)", key="exclude")
+                layer_sparsity = st.text_input("Per-layer sparsities", key="layer_sparsity",
+                                               help="one per decoder layer (0.3,0.4,...), or a JSON object of "
+                                                    '{"full-name pattern": sparsity} inline or in a .json file; '
+                                                    "matrices no pattern names get the sparsity above")
         with right:
             st.subheader("Evaluation")
             ppl = source_choice("Perplexity data", "ppl", status, True)
@@ -170,6 +193,13 @@ def form(status: dict[str, str]) -> RunSpec | None:
     if pattern != "unstructured":
         n, m = pattern.split(":")
         sparsity = int(n) / int(m)
+    try:
+        layers, named = parse_layer_sparsity(layer_sparsity)
+    except ValueError as err:
+        st.error(str(err))
+        return None
+    targets = Targets(include=tuple(include.split()), exclude=tuple(exclude.split()), allocation=allocation,
+                      owl_m=float(owl_m), owl_lambda=float(owl_lambda), layers=layers, patterns=named)
     evaluation = EvalSettings(ppl=ppl, ppl_seqlen=int(ppl_seqlen), ppl_windows=int(ppl_windows), jsd=jsd,
                               tasks=tasks, limit=int(limit), max_new_tokens=int(max_new_tokens),
                               jsd_limit=int(jsd_limit) or None,
@@ -177,7 +207,7 @@ def form(status: dict[str, str]) -> RunSpec | None:
                               judge_base_url=(judge_url.strip() or None) if use_judge else None)
     return RunSpec(method=method, sparsity=sparsity, model=model.strip(), pattern=pattern,
                    calibration=calibration_file.strip() or calibration, nsamples=int(nsamples), seqlen=int(seqlen),
-                   seed=int(seed), evaluation=evaluation)
+                   seed=int(seed), evaluation=evaluation, targets=targets)
 
 
 def ended_text(row: dict) -> str:

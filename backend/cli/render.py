@@ -107,12 +107,20 @@ def print_ppl(result: dict) -> None:
           f"{result['seconds']:.1f} s, {result['tokens_per_s']:.0f} tokens/s)")
 
 
+def short_allocation(text: str | None) -> str:
+    """'uniform', 'owl' or 'explicit', with a '*' when include/exclude narrowed the matrices."""
+    text = text or "uniform"
+    short = next((word for word in ("owl", "explicit") if text.startswith(word)), "uniform")
+    return short + ("*" if ", only " in text or ", not " in text else "")
+
+
 def print_runs(rows: list[dict]) -> None:
-    print(f"{'run_id':<17}{'model':<14}{'method':<10}{'sparsity':>9}{'pattern':>13} {'calibration':<12}"
+    print(f"{'run_id':<17}{'model':<14}{'method':<10}{'sparsity':>9}{'pattern':>13} {'alloc':<10}{'calibration':<12}"
           f"{'state':<12}{'progress':<22}{'pid':>7}{'ppl d/p':>16}{'JS':>7}{'F1 d/p':>13}  code")
     for r in rows:
         print(f"{r['run_id']:<17}{Path(r['model']).name[:13]:<14}{r['method']:<10}{r['sparsity']:>9.2f}"
-              f"{r['pattern']:>13} {Path(r['calibration']).name[:11]:<12}{r['state']:<12}{progress_text(r)[:21]:<22}"
+              f"{r['pattern']:>13} {short_allocation(r.get('allocation')):<10}{Path(r['calibration']).name[:11]:<12}"
+              f"{r['state']:<12}{progress_text(r)[:21]:<22}"
               f"{r['worker_pid'] or '-':>7}{fmt(r['dense_ppl'], '.2f') + '/' + fmt(r['pruned_ppl'], '.2f'):>16}"
               f"{fmt(r['jsd']):>7}{fmt(r['dense_f1']) + '/' + fmt(r['pruned_f1']):>13}  "
               f"{'other: ' + str(r['code']) if r.get('other_code') else 'current'}")

@@ -20,7 +20,7 @@ TASK_LABELS = {"em": "exact match", "f1": "F1", "rouge1": "ROUGE-1", "judge": "j
 NUMERIC = ("sparsity", "nsamples", "seqlen", "seed", "overall_sparsity", "dense_ppl", "pruned_ppl", "jsd",
            "kl_dense_pruned", "kl_pruned_dense", "flip_rate",
            *(f"{side}_{t}" for t in TASKS for side in ("dense", "pruned")))
-TEXT = ("run_id", "model", "method", "pattern", "calibration", "state")
+TEXT = ("run_id", "model", "method", "pattern", "calibration", "allocation", "state")
 METRICS: dict[str, str] = {
     "ppl_ratio": "perplexity ratio (pruned / dense)",
     "pruned_ppl": "pruned perplexity",
@@ -36,7 +36,7 @@ METRICS: dict[str, str] = {
 # short human names of run-row columns, for table headers and bar labels
 LABELS: dict[str, str] = {
     "run_id": "run", "model": "model", "method": "method", "sparsity": "target sparsity", "pattern": "pattern",
-    "calibration": "calibration", "overall_sparsity": "measured sparsity", "dense_ppl": "dense perplexity",
+    "calibration": "calibration", "allocation": "allocation", "overall_sparsity": "measured sparsity", "dense_ppl": "dense perplexity",
     "pruned_ppl": "pruned perplexity", "ppl_ratio": "perplexity ratio", "jsd": "JS divergence",
     "kl_dense_pruned": "KL(dense‖pruned)", "kl_pruned_dense": "KL(pruned‖dense)", "flip_rate": "top-1 flip rate",
     **{f"{side}_{t}": f"{side} {TASK_LABELS[t]}" for t in TASKS for side in ("dense", "pruned")},
@@ -46,7 +46,8 @@ LABELS: dict[str, str] = {
 LABELS.update({f"{column}_ci": f"{LABELS[column]} 95% interval" for column in list(LABELS)
                if column in ROW_INTERVALS})
 DIVERGENCES = ("jsd", "kl_dense_pruned", "kl_pruned_dense", "answer_jsd")
-LAYER_VALUES: dict[str, str] = {"rel_error": "relative reconstruction error", "sparsity": "sparsity"}
+LAYER_VALUES: dict[str, str] = {"rel_error": "relative reconstruction error", "sparsity": "sparsity",
+                                "target": "target sparsity"}
 PX_PER_LAYER = 22
 METHOD_COLOURS = {"magnitude": "#636EFA", "wanda": "#EF553B", "sparsegpt": "#00CC96", "ria": "#AB63FA"}
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "pentagon", "hexagon")
@@ -67,6 +68,7 @@ def frame(rows: Rows) -> pd.DataFrame:
     df = pd.DataFrame([dict(r) for r in rows])
     for col in TEXT:
         df[col] = df[col].astype(object).where(df[col].notna(), None) if col in df else None
+    df["allocation"] = df["allocation"].fillna("uniform")  # runs stored before targets existed were uniform
     for col in NUMERIC:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float) if col in df else np.nan
     df["ppl_ratio"] = _ratio(df["pruned_ppl"], df["dense_ppl"])
@@ -229,14 +231,17 @@ def tradeoff_scatter(rows: Rows, task: str = "f1", protocol: Mapping | None = No
              f"<br><i>labels</i>: {html.escape(LABELS[f'{task}_relative'])} = pruned / dense "
              f"{html.escape(TASK_LABELS[task])}, each a {note_html(f'pruned_{task}', protocol)}")
     colours = _colours(df["method"].fillna(MISSING).tolist())
-    calibrations = sorted(df["calibration"].fillna(MISSING).unique())
+    df["calibration"] = df["calibration"].fillna(MISSING)
+    several = df["allocation"].nunique() > 1
+    kinds = sorted({(c, a) for c, a in zip(df["calibration"], df["allocation"])})
     fig = go.Figure()
-    for (method, calibration), group in df.groupby([df["method"].fillna(MISSING), df["calibration"].fillna(MISSING)],
-                                                   sort=True):
+    for (method, calibration, allocation), group in df.groupby([df["method"].fillna(MISSING), "calibration",
+                                                                "allocation"], sort=True):
         fig.add_trace(go.Scatter(
-            x=group["ppl_ratio"], y=group["jsd"], mode="markers+text", name=f"{method} · {calibration}",
+            x=group["ppl_ratio"], y=group["jsd"], mode="markers+text",
+            name=" · ".join([method, calibration, *([allocation] if several else [])]),
             legendgroup=method, legendgrouptitle_text=method,
-            marker=dict(color=colours[method], symbol=SYMBOLS[calibrations.index(calibration) % len(SYMBOLS)],
+            marker=dict(color=colours[method], symbol=SYMBOLS[kinds.index((calibration, allocation)) % len(SYMBOLS)],
                         size=(8 + 24 * group["sparsity"].fillna(0.0)).tolist(), opacity=0.85,
                         line=dict(width=1, color="white")),
             text=[_fmt(v, ".0%") for v in group[f"{task}_relative"]], textposition="top center", textfont_size=10,
@@ -248,7 +253,8 @@ def tradeoff_scatter(rows: Rows, task: str = "f1", protocol: Mapping | None = No
         ))
     fig.update_layout(title=title, xaxis_title="perplexity ratio (pruned / dense, log scale); bars: 95% intervals",
                       yaxis_title=axis_title("jsd", protocol),
-                      legend_title_text="method · calibration (size = sparsity)")
+                      legend_title_text="method · calibration" + (" · allocation" if several else "")
+                                        + " (size = sparsity)")
     fig.update_xaxes(**log_axis(df["ppl_ratio"]))
     fig.update_yaxes(rangemode="tozero")
     return fig
@@ -267,11 +273,12 @@ def metric_vs_sparsity(rows: Rows, metric: str, protocol: Mapping | None = None)
     df = df[df[metric].notna() & df["sparsity"].notna()]
     if df.empty:
         return _empty(title, f"no finished runs with {metric} yet")
-    keys = ["model", "method", "calibration", "pattern"]
+    keys = ["model", "method", "calibration", "pattern", "allocation"]
     df[keys] = df[keys].fillna(MISSING)
     several_models = df["model"].nunique() > 1
     colours = _colours(df["method"].tolist())
-    calibrations = sorted(df["calibration"].unique())
+    kinds = sorted({(c, a) for c, a in zip(df["calibration"], df["allocation"])})
+    allocations = sorted(df["allocation"].unique())
     patterns = sorted(df["pattern"].unique())
     df["run_id"] = df["run_id"].astype(str)
     df["ci"] = df[f"{metric}_ci"] if f"{metric}_ci" in df else None
@@ -280,12 +287,12 @@ def metric_vs_sparsity(rows: Rows, metric: str, protocol: Mapping | None = None)
                                                               ci=("ci", "first")).reset_index()
     averaged["ci"] = [ci if n == 1 else None for ci, n in zip(averaged["ci"], averaged["n"])]
     fig = go.Figure()
-    for (model, method, calibration, pattern), points in averaged.groupby(keys, sort=True):
+    for (model, method, calibration, pattern, allocation), points in averaged.groupby(keys, sort=True):
         name = " · ".join([*([model] if several_models else []), method, calibration,
-                           *([pattern] if len(patterns) > 1 else [])])
+                           *([pattern] if len(patterns) > 1 else []), *([allocation] if len(allocations) > 1 else [])])
         fig.add_trace(go.Scatter(
             x=points["sparsity"], y=points["value"], mode="lines+markers", name=name, legendgroup=method,
-            line=dict(color=colours[method], dash=DASHES[calibrations.index(calibration) % len(DASHES)]),
+            line=dict(color=colours[method], dash=DASHES[kinds.index((calibration, allocation)) % len(DASHES)]),
             marker=dict(symbol=SYMBOLS[patterns.index(pattern) % len(SYMBOLS)], size=8),
             customdata=np.column_stack([points["n"], points["runs"], [interval_text(c) for c in points["ci"]]]),
             cliponaxis=False, error_y=error_bars(points["value"].tolist(), points["ci"].tolist()),
@@ -294,7 +301,7 @@ def metric_vs_sparsity(rows: Rows, metric: str, protocol: Mapping | None = None)
                           + "<extra></extra>",
         ))
     fig.update_layout(title=title, xaxis_title="target sparsity", yaxis_title=axis_title(metric, protocol),
-                      legend_title_text="method · calibration")
+                      legend_title_text="method · calibration" + (" · allocation" if len(allocations) > 1 else ""))
     fig.update_xaxes(range=[0, 1], tickformat=".0%", dtick=0.1)
     if metric == "ppl_ratio":
         fig.update_yaxes(**log_axis(averaged["value"]))
@@ -362,6 +369,36 @@ def layer_heatmap(layers: Iterable[Mapping], value: str = "rel_error", title: st
     if grid.empty:
         return _empty(title, "no per-layer rows")
     return _heatmap(grid, title, name, colorscale="Viridis")
+
+
+def layer_allocation(layers: Iterable[Mapping], allocation: Mapping | None = None,
+                     title: str = "Sparsity per decoder layer: target and reached") -> go.Figure:
+    """Per decoder layer, the parameter-weighted sparsity reached beside its target (uniform, OWL's or explicit),
+    and OWL's outlier ratios on a second axis when the run has them."""
+    df = pd.DataFrame([dict(r) for r in layers])
+    if df.empty:
+        return _empty(title, "no per-layer rows")
+    df["numel"] = df["rows"] * df["cols"] if "rows" in df else 1
+    df["zeros"] = pd.to_numeric(df["sparsity"], errors="coerce") * df["numel"]
+    df["goal"] = pd.to_numeric(df["target"], errors="coerce") * df["numel"] if "target" in df else np.nan
+    per = df.groupby("layer", sort=True)[["zeros", "goal", "numel"]].sum(min_count=1)
+    layer = per.index.tolist()
+    fig = go.Figure(go.Scatter(x=layer, y=(per["zeros"] / per["numel"]).tolist(), mode="lines+markers", name="reached",
+                               hovertemplate="layer %{x}<br>reached %{y:.4f}<extra></extra>"))
+    if per["goal"].notna().any():
+        fig.add_trace(go.Scatter(x=layer, y=(per["goal"] / per["numel"]).tolist(), mode="lines+markers", name="target",
+                                 line=dict(dash="dash"), hovertemplate="layer %{x}<br>target %{y:.4f}<extra></extra>"))
+    ratios = list((allocation or {}).get("outlier_ratios") or [])
+    if ratios:
+        fig.add_trace(go.Bar(x=list(range(len(ratios))), y=[100 * r for r in ratios], name="outlier ratio (%)",
+                             yaxis="y2", opacity=0.3, marker_color="#888",
+                             hovertemplate="layer %{x}<br>outlier ratio %{y:.3f}%<extra></extra>"))
+        fig.update_layout(yaxis2=dict(title=f"OWL outlier ratio, % of scores above {allocation.get('owl_m', 5):g} x "
+                                            f"the layer mean", overlaying="y", side="right", rangemode="tozero",
+                                      showgrid=False))
+    fig.update_layout(title=title, xaxis_title="decoder layer", yaxis_title="sparsity (parameter-weighted)",
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
 
 
 def layer_difference(a_layers: Iterable[Mapping], b_layers: Iterable[Mapping], value: str = "rel_error",

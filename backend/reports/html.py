@@ -20,10 +20,11 @@ from backend.reports.rows import progress_text
 from backend.runs.protocol import groups, protocol_label
 
 MAX_LAYER_RUNS = 4
-TABLE_COLUMNS = ("run_id", "model", "method", "sparsity", "pattern", "calibration", "nsamples", "seqlen", "seed",
-                 "state", "overall_sparsity", "dense_ppl", "pruned_ppl", "ppl_ratio", "jsd", "kl_dense_pruned",
+TABLE_COLUMNS = ("run_id", "model", "method", "sparsity", "pattern", "allocation", "calibration", "nsamples", "seqlen",
+                 "seed", "state", "overall_sparsity", "dense_ppl", "pruned_ppl", "ppl_ratio", "jsd", "kl_dense_pruned",
                  "kl_pruned_dense", "flip_rate", "code")
-PENDING_COLUMNS = ("run_id", "model", "method", "sparsity", "pattern", "calibration", "state", "progress", "message")
+PENDING_COLUMNS = ("run_id", "model", "method", "sparsity", "pattern", "allocation", "calibration", "state", "progress",
+                   "message")
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem; color: #222; }
 h1 { margin-bottom: 0.2rem; } .meta { color: #666; margin-top: 0; }

@@ -21,6 +21,7 @@ from backend.sources.datasets import (
     offline_sources,
     source_file,
 )
+from compression.targets import Targets
 
 # the perplexity stream is counted on a growing prefix of its texts: a prefix this many tokens past what is needed
 # has enough whatever its last, cut word becomes in the whole stream
@@ -41,6 +42,11 @@ class ModelFacts:
     def context(self) -> int | None:
         from backend.sources.models import context_length
         return guarded("model", lambda: context_length(self.name, self.trust_remote_code))
+
+    @cached_property
+    def layers(self) -> int | None:
+        from backend.sources.models import layer_count
+        return guarded("model", lambda: layer_count(self.name, self.trust_remote_code))
 
     @cached_property
     def tokenizer(self):
@@ -87,6 +93,7 @@ def check_specs(specs: Sequence[RunSpec], data_dir: str | None = None) -> None:
     most of them)."""
     seen: set[tuple] = set()
     for spec in specs:
+        check_targets(spec.model, spec.targets)
         calibration = (spec.model, spec.calibration, spec.nsamples, spec.seqlen, spec.template,
                        spec.held_out_records())
         if calibration not in seen:
@@ -95,6 +102,16 @@ def check_specs(specs: Sequence[RunSpec], data_dir: str | None = None) -> None:
         if (spec.model, spec.evaluation) not in seen:
             seen.add((spec.model, spec.evaluation))
             check_evaluation(spec.model, spec.evaluation, data_dir)
+
+
+def check_targets(model: str, targets: Targets, trust_remote_code: bool = False) -> None:
+    """One sparsity per decoder layer needs as many values as the model's config declares layers."""
+    if not targets.layers:
+        return
+    count = model_facts(model, trust_remote_code).layers
+    if count is not None and count != len(targets.layers):
+        raise SpecError(f"--layer-sparsity gives {len(targets.layers)} sparsities but {model} has {count} decoder "
+                        f"layers: give one per layer, or a JSON file of name patterns")
 
 
 def check_calibration(model: str, calibration: str, nsamples: int, seqlen: int, template: str = "alpaca",

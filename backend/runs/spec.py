@@ -114,8 +114,10 @@ class RunSpec:
             from metrics.judge import configured_endpoint, public_url
             evaluation = replace(evaluation, judge_base_url=public_url(evaluation.judge_base_url or configured_endpoint()))
         targets = self.targets
+        owl = targets.allocation == "owl"  # OWL's settings mean nothing otherwise, so they must not split run ids
         targets = replace(targets, include=tuple(targets.include), exclude=tuple(targets.exclude),
-                          owl_m=float(targets.owl_m), owl_lambda=float(targets.owl_lambda),
+                          owl_m=float(targets.owl_m) if owl else Targets.owl_m,
+                          owl_lambda=float(targets.owl_lambda) if owl else Targets.owl_lambda,
                           layers=tuple(round(float(v), 6) for v in targets.layers),
                           patterns=tuple((p, round(float(v), 6)) for p, v in targets.patterns))
         return replace(self, method=self.method.strip().lower(), model=model, calibration=calibration,

@@ -21,6 +21,7 @@ DTYPES = {alias: getattr(torch, name) for alias, name in DTYPE_ALIASES.items()}
 # the GGUF's llama.context_length, known before the embedded model is converted (reading it from the GGUF takes
 # seconds); tests/backend/runs/test_checks.py checks it against the converted config
 EMBEDDED_CONTEXT: dict[str, int] = {DEFAULT_MODEL: 8192}
+EMBEDDED_LAYERS: dict[str, int] = {DEFAULT_MODEL: 30}
 
 
 class ModelError(ValueError):
@@ -149,6 +150,16 @@ def context_length(name_or_path: str, trust_remote_code: bool = False) -> int | 
     else:
         location = unembedded(name_or_path)
     return model_context(read_config(location, trust_remote_code))
+
+
+def layer_count(name_or_path: str, trust_remote_code: bool = False) -> int | None:
+    """How many decoder layers the config declares (None when it does not say), read like context_length."""
+    if name_or_path in EMBEDDED and converted_folder(name_or_path) is None:
+        return EMBEDDED_LAYERS[name_or_path]
+    location = str(converted_folder(name_or_path)) if name_or_path in EMBEDDED else unembedded(name_or_path)
+    config = read_config(location, trust_remote_code)
+    config = getattr(config, "get_text_config", lambda: config)()
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

@@ -149,7 +149,7 @@ def test_layers_page(monkeypatch, filled_store, runs):
     assert not at.exception, at.exception
     assert at.title[0].value == "🧱 Layers"
     figs = figures(at)
-    assert len(figs) == 1
+    assert len(figs) == 2 and title_of(figs[1]) == "Sparsity per decoder layer: target and reached"
     heat = figs[0]["data"][0]
     assert heat["type"] == "heatmap" and shape(heat["z"]) == (2, 7) and len(heat["x"]) == 7
     assert heat["colorbar"]["title"]["text"] == "relative reconstruction error"
@@ -159,8 +159,8 @@ def test_layers_page(monkeypatch, filled_store, runs):
     at = open_page(monkeypatch, filled_store, "views/layers.py", run=first, vs=second, value="sparsity")
     assert not at.exception, at.exception
     figs = figures(at)
-    assert len(figs) == 2
-    difference = figs[1]["data"][0]
+    assert len(figs) == 3
+    difference = figs[2]["data"][0]
     assert difference.get("zmid") == 0 and shape(difference["z"]) == (2, 7)
     assert difference["colorbar"]["title"]["text"] == "sparsity, a - b"
     assert at.query_params.get("vs") == second and at.query_params.get("value") == "sparsity"
