@@ -232,9 +232,9 @@ def weighted(goals: dict[str, float], numels: dict[str, int]) -> float | None:
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
     """OWL's layerwise outlier ratio: the share of all the scores above m times their mean."""
-    count = sum(x.numel() for x in scores)
-    mean = sum(float(x.sum(dtype=torch.float64)) for x in scores) / max(count, 1)
-    return sum(int((x > m * mean).sum()) for x in scores) / max(count, 1)
+    count = max(sum(x.numel() for x in scores), 1)
+    mean = sum(float(x.sum()) for x in scores) / count
+    return sum(int(torch.count_nonzero(x > m * mean)) for x in scores) / count
 
 
 def outlier_ratios(layers: nn.ModuleList, prefix: str, inputs, targets: Targets, device: torch.device, offload: bool,
@@ -259,7 +259,7 @@ def outlier_ratios(layers: nn.ModuleList, prefix: str, inputs, targets: Targets,
                                      for s in run.all_states for w in s.weights], targets.owl_m))
         if offload:
             layer.to(home)
-        notify(Progress("allocation", index + 1, len(layers)))
+        notify(Progress("allocation", index + 1, len(layers), "(OWL allocation pass)"))
     return ratios
 
 

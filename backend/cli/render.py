@@ -78,11 +78,17 @@ def print_prune_table(result: dict) -> None:
     modules = list(dict.fromkeys(m for row in cells.values() for m in row))
     width = max(15, *(len(m) for m in modules)) + 2
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
-    print("relative reconstruction error per matrix (achieved sparsity); experts: the mean over experts")
-    print(f"{'layer':>5}" + "".join(f"{m:>{width}}" for m in modules))
+    allocation = result.get("allocation") or {}
+    goals, ratios = allocation.get("layer_targets") or [], allocation.get("outlier_ratios") or []
+    extra = len({g for g in goals if g is not None}) > 1
+    print("relative reconstruction error per matrix (achieved sparsity); experts: the mean over experts"
+          + ("; the layer's target sparsity" + (" and OWL outlier ratio" if ratios else "") if extra else ""))
+    print(f"{'layer':>5}" + "".join(f"{m:>{width}}" for m in modules)
+          + (f"{'target':>9}" + (f"{'outliers':>10}" if ratios else "") if extra else ""))
     for index, row in cells.items():
         text = (f"{mean(row[m], 'rel_error'):.4f} ({mean(row[m], 'sparsity'):.3f})" if m in row else "-" for m in modules)
-        print(f"{index:>5}" + "".join(f"{t:>{width}}" for t in text))
+        tail = (f"{fmt(goals[index]):>9}" + (f"{ratios[index]:>10.2%}" if ratios else "")) if extra else ""
+        print(f"{index:>5}" + "".join(f"{t:>{width}}" for t in text) + tail)
     notes = Counter(r["note"] for r in result["layers"] if r.get("note"))
     for note, count in notes.items():
         print(f"{count} matrices: {note}")
