@@ -11,10 +11,19 @@ from backend.runs import service
 from backend.runs.checks import data_dir_sources
 from backend.runs.progress import self_calibration_seconds
 from backend.runs.protocol import metric_note
-from backend.runs.spec import DEFAULT_MODEL, METHODS, EvalSettings, RunSpec, SpecError
+from backend.runs.spec import (
+    ALLOCATIONS,
+    DEFAULT_MODEL,
+    METHODS,
+    EvalSettings,
+    RunSpec,
+    SpecError,
+    Targets,
+    layer_sparsity_text,
+    parse_layer_sparsity,
+)
 from backend.runs.store import StoreError
 from backend.runs.uncertainty import ROW_INTERVALS
-from compression.targets import ALLOCATIONS, Targets, layer_sparsity_text, parse_layer_sparsity
 from views.common import data_dir, fmt, store
 from views.progress import show_progress
 

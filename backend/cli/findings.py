@@ -7,10 +7,6 @@ import shlex
 import time
 
 from backend.findings import study
-from backend.findings.claims import CLOSE_PPL
-from backend.findings.between import compare_runs
-from backend.findings.evidence import cell_of, cohort_key
-from backend.findings.service import build, queue
 from backend.runs.service import submit_many
 from backend.runs.store import Store
 
@@ -61,6 +57,9 @@ def _queue_command(args: argparse.Namespace, cohort: str | None) -> str:
 
 
 def cmd_findings(args: argparse.Namespace) -> dict:
+    from backend.findings.claims import CLOSE_PPL
+    from backend.findings.service import build, queue
+
     store = Store(args.store)
     close = CLOSE_PPL if args.close_ppl is None else args.close_ppl
     if close <= 1:
@@ -76,6 +75,9 @@ def cmd_findings(args: argparse.Namespace) -> dict:
 
 def cmd_compare(args: argparse.Namespace) -> dict:
     """Run B minus run A, every pruned metric both measured, each paired over the units both were scored on."""
+    from backend.findings.between import compare_runs
+    from backend.findings.evidence import cell_of
+
     store = Store(args.store)
     a, b, found = compare_runs(store, store.find(args.a), store.find(args.b))
     return {"a": a.run_id, "b": b.run_id, "a_label": cell_of(a.row).label(), "b_label": cell_of(b.row).label(),
@@ -93,6 +95,8 @@ def print_compare(result: dict) -> None:
 def cmd_study(args: argparse.Namespace) -> dict:
     """Queue the study's runs (finished ones are served from the store), wait with progress, then the findings."""
     from backend.cli.runs import wait
+    from backend.findings.evidence import cohort_key
+    from backend.findings.service import build
 
     size = "quick" if args.quick else "full"
     overrides = {k: getattr(args, k) for k in ("nsamples", "seqlen", "limit", "jsd_limit", "ppl_windows",

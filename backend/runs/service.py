@@ -26,7 +26,7 @@ from backend.sources.datasets import (
     offline_sources,
 )
 
-_children: list[subprocess.Popen] = []
+_children: dict[Path, subprocess.Popen] = {}  # the workers this process started, by store
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,14 @@ def submit_many(store: Store, specs: list[RunSpec], data_dir: str | None = None,
     planned = [plan(store, spec, data_dir, device, judge_key) for spec in specs]
     work = [p for p in planned if not served(store, p)]
     if work:
-        check_specs([p.spec for p in work], data_dir)
+        early = start(store.root, device) if start_worker else None  # it loads torch while the checks run
+        try:
+            check_specs([p.spec for p in work], data_dir)
+        except BaseException:
+            if early is not None:  # refused: nothing will be queued, so the worker started for it goes
+                early.terminate()
+                early.wait(timeout=30)
+            raise
     return [hand_in(store, p, data_dir, device, start_worker, judge_key) for p in planned]
 
 
@@ -96,12 +103,20 @@ def hand_in(store: Store, planned: Planned, data_dir: str | None, device: str, s
     return {"run_id": rid, "state": submission.state, "cached": submission.cached, "job_id": submission.job_id}
 
 
-def start(root: Path, device: str = "auto") -> None:
-    """Start a worker unless one runs, and reap the ones this process started that have exited."""
-    _children[:] = [child for child in _children if child.poll() is None]
+def start(root: Path, device: str = "auto") -> subprocess.Popen | None:
+    """Start a worker unless one runs or the one this process started for the store is still starting (a sweep's
+    runs would otherwise each start one before the first takes the lock); reap those that have exited. Returns the
+    worker started now, if any."""
+    for path, child in list(_children.items()):
+        if child.poll() is not None:
+            del _children[path]
+    root = Path(root).resolve()
+    if root in _children:
+        return None
     child = ensure_worker(root, device)
     if child is not None:
-        _children.append(child)
+        _children[root] = child
+    return child
 
 
 def source_status(data_dir: str | None = None) -> dict[str, str]:

@@ -18,7 +18,12 @@ from backend.sources.names import DEFAULT_MODEL, DTYPE_NAMES, model_problem
 from compression.methods import METHOD_NAMES as METHODS
 from compression.orders import ORDERS
 from compression.patterns import check_sparsity, parse_pattern
-from compression.targets import Targets
+from compression.targets import (  # noqa: F401  (the pages see only the backend: re-exported for them)
+    ALLOCATIONS,
+    Targets,
+    layer_sparsity_text,
+    parse_layer_sparsity,
+)
 from metrics.prompts import TEMPLATES
 
 CALIBRATION_TEMPLATES = ("alpaca", "chat")
@@ -174,7 +179,8 @@ class RunSpec:
             raise SpecError(str(err)) from None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON values: what the store keeps and the run id hashes."""
+        return {**asdict(self), "targets": self.targets.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSpec:

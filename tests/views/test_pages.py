@@ -296,7 +296,7 @@ def test_layers_offers_no_comparison_without_another_run(monkeypatch, stopping_s
     store, rid = stopping_store
     at = open_page(monkeypatch, store, "views/layers.py", run=rid)
     assert not at.exception, at.exception
-    assert len(figures(at)) == 1
+    assert len(figures(at)) == 2  # the heatmap and the targets per layer, no difference
     assert not any(h.value == "Compare with another run" for h in at.subheader)
     assert not any(s.label == "Compare with" for s in at.selectbox)
     assert any("No other finished run of this model" in c.value for c in at.caption)
