@@ -41,3 +41,19 @@ def test_calibrated_methods_keep_perplexity_where_magnitude_loses_it(texts):
     assert ppl["dense"] < ppl["wanda"] < 4 * ppl["dense"], ppl
     assert ppl["dense"] < ppl["sparsegpt"] < 4 * ppl["dense"], ppl
     assert ppl["magnitude"] > 2 * max(ppl["wanda"], ppl["sparsegpt"]), ppl
+
+
+def test_owl_on_the_embedded_model_keeps_the_mean_and_the_band(texts):
+    from compression.targets import Targets, owl_sparsities
+
+    lm = load("smollm2-135m")
+    windows = windows_from_documents(texts[0], lm.tokenizer, 4, 128, seed=0)
+    report = prune_model(lm.model, windows, create("wanda", sparsity=0.7), targets=Targets(allocation="owl"))
+    allocation = report.allocation
+    goals = owl_sparsities(allocation["outlier_ratios"], allocation["layer_parameters"], 0.7, 0.08)
+    assert allocation["layer_targets"] == pytest.approx(goals) and max(goals) - min(goals) > 0.05
+    assert abs(report.pruned_sparsity - 0.7) < 1e-3 and len(report.layers) == 210
+    for layer in range(30):
+        rows = [r for r in report.layers if r.layer == layer]
+        reached = sum(r.sparsity * r.shape[0] * r.shape[1] for r in rows) / sum(r.shape[0] * r.shape[1] for r in rows)
+        assert 0.7 - 0.08 - 1e-3 <= reached <= 0.7 + 0.08 and abs(reached - goals[layer]) < 1 / 576, layer
