@@ -77,7 +77,7 @@ class Targets:
                              f"N/M: use --pattern unstructured (mixed N:M per layer is not supported)")
         if self.allocation == "owl" and not (self.owl_lambda <= sparsity and sparsity + self.owl_lambda < 1):
             raise ValueError(f"owl-lambda {self.owl_lambda:g} with sparsity {sparsity:g} would ask for sparsities "
-                             f"outside [0, 1): keep lambda at most {min(sparsity, 1 - sparsity):g} (or under)")
+                             f"outside [0, 1): keep lambda at most {sparsity:g} and below {1 - sparsity:g}")
 
     def for_layer(self, index: int, full: str, inner: str, sparsity: float) -> float:
         """The explicit target of one matrix (the run's sparsity when none is set); two patterns that name it with
@@ -111,8 +111,8 @@ class Targets:
         patterns = data.get("patterns") or ()
         pairs = patterns.items() if isinstance(patterns, dict) else patterns
         return cls(include=tuple(data.get("include") or ()), exclude=tuple(data.get("exclude") or ()),
-                   allocation=data.get("allocation", "uniform"), owl_m=data.get("owl_m", 5.0),
-                   owl_lambda=data.get("owl_lambda", 0.08), layers=tuple(data.get("layers") or ()),
+                   allocation=data.get("allocation", cls.allocation), owl_m=data.get("owl_m", cls.owl_m),
+                   owl_lambda=data.get("owl_lambda", cls.owl_lambda), layers=tuple(data.get("layers") or ()),
                    patterns=tuple((str(p), v) for p, v in pairs))
 
     def to_dict(self) -> dict:
