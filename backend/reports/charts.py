@@ -397,7 +397,7 @@ def layer_allocation(layers: Iterable[Mapping], allocation: Mapping | None = Non
                                             f"the layer mean", overlaying="y", side="right", rangemode="tozero",
                                       showgrid=False))
     fig.update_layout(title=title, xaxis_title="decoder layer", yaxis_title="sparsity (parameter-weighted)",
-                      legend=dict(orientation="h", y=-0.2))
+                      legend=dict(orientation="h", y=-0.2), yaxis_range=[0, 1])
     return fig
 
 
