@@ -3,6 +3,7 @@ checked against direct computations on the dense model's own forward pass."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -217,3 +218,14 @@ def test_ria_score_and_its_exponent():
     assert torch.allclose(ria_score(w, sq, 0.5), expected)
     with pytest.raises(ValueError, match="exponent a -1"):
         create("ria", sparsity=0.5, a=-1)
+
+
+def test_owl_allocation_is_the_same_in_both_orders_and_with_offload():
+    """It depends on the dense model alone: neither the pruning order nor offloading may change it."""
+    model, windows = deep_llama(), random_windows()
+    found = []
+    for order, offload in (("sequential", False), ("reference", False), ("sequential", True)):
+        report = prune_model(copy.deepcopy(model), windows, create("wanda", sparsity=0.6), order=order, offload=offload,
+                             device=torch.device("cpu"), targets=Targets(allocation="owl"))
+        found.append((report.allocation["outlier_ratios"], report.allocation["layer_targets"]))
+    assert found[0] == found[1] == found[2]
