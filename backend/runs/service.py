@@ -61,9 +61,8 @@ def submit_many(store: Store, specs: list[RunSpec], data_dir: str | None = None,
         try:
             check_specs([p.spec for p in work], data_dir)
         except BaseException:
-            if early is not None:  # refused: nothing will be queued, so the worker started for it goes
-                early.terminate()
-                early.wait(timeout=30)
+            if early is not None:
+                stand_down(store, early, device)
             raise
     return [hand_in(store, p, data_dir, device, start_worker, judge_key) for p in planned]
 
@@ -117,6 +116,19 @@ def start(root: Path, device: str = "auto") -> subprocess.Popen | None:
     if child is not None:
         _children[root] = child
     return child
+
+
+def stand_down(store: Store, child: subprocess.Popen, device: str) -> None:
+    """Stop a worker started for a submission its checks refused, unless it already claimed a job someone else
+    queued: while this holds the store's write lock no job can be claimed, so the look and the stop are one step.
+    Jobs queued in the meantime get a worker of their own."""
+    with store.write() as db:
+        if db.execute("SELECT 1 FROM jobs WHERE worker_pid = ? AND state = 'running'", (child.pid,)).fetchone():
+            return
+        child.terminate()
+        child.wait(timeout=30)
+    if store.db.execute("SELECT 1 FROM jobs WHERE state = 'queued'").fetchone():
+        start(store.root, device)
 
 
 def source_status(data_dir: str | None = None) -> dict[str, str]:

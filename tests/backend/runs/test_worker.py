@@ -199,3 +199,30 @@ def test_a_run_calibrated_on_its_evaluation_s_source_holds_those_records_out(fil
     finally:
         db.close()
     assert held == {"demo": 6, "demo-prose": 0}  # the tasks and the divergence read the first 6 demo records
+
+
+def test_a_refused_submission_stops_its_own_worker_but_never_someone_elses_job(tmp_path, tiny_folder):
+    """The worker starts while a submission's checks run; when they refuse it, it goes again, and a job another
+    submission queued meanwhile still runs to the end."""
+    from backend.runs import service
+    from backend.runs.service import submit, submit_many
+    from backend.runs.spec import EvalSettings, RunSpec, SpecError
+    from backend.runs.worker import worker_running
+    from compression.targets import Targets
+
+    db = Store(tmp_path)
+    spec = RunSpec(method="wanda", sparsity=0.5, model=str(tiny_folder), calibration="demo-prose", nsamples=2,
+                   seqlen=32, evaluation=EvalSettings(ppl="demo-prose", ppl_seqlen=64, ppl_windows=1, jsd=None,
+                                                      tasks=None))
+    bad = RunSpec(**{**vars(spec), "seed": 1, "targets": Targets(layers=(0.5, 0.5, 0.5))})
+    try:
+        with pytest.raises(SpecError, match="gives 3 sparsities"):
+            submit_many(db, [bad])
+        assert not worker_running(tmp_path) and not db.runs()
+        queued = submit(db, spec, start_worker=False)
+        with pytest.raises(SpecError, match="gives 3 sparsities"):
+            submit_many(db, [bad])
+        service.wait(db, [queued["run_id"]])
+        assert db.latest_job(queued["run_id"])["state"] == "done"
+    finally:
+        stop_worker(tmp_path)
