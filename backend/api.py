@@ -25,7 +25,8 @@ from backend.runs.store import Store
 from backend.sources.names import DEFAULT_MODEL
 from compression.targets import Targets
 
-__all__ = ["EvalSettings", "Pruned", "RunSpec", "Targets", "evaluate", "findings", "load", "load_runs", "prune", "submit", "wait"]
+__all__ = ["EvalSettings", "Pruned", "RunSpec", "Targets", "evaluate", "findings", "load", "load_runs", "prune",
+           "submit", "wait"]
 
 
 @dataclass
@@ -105,7 +106,8 @@ def prune(model: str = DEFAULT_MODEL, method: str = "wanda", sparsity: float = 0
     stages.update(report.stages)
     spec = {"model": model, "model_path": lm.path, "method": method, "sparsity": sparsity, "pattern": str(parsed),
             "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "template": template,
-            "order": order, "per_row": per_row, "targets": targets.to_dict(), **({"ria_a": ria_a} if method == "ria" else {}),
+            "order": order, "per_row": per_row, "targets": targets.to_dict(),
+            **({"ria_a": ria_a} if method == "ria" else {}),
             "dtype": str(lm.dtype).removeprefix("torch."), "device": str(compute), "offload": offload,
             "provenance": {"device_type": compute.type, "dtype": str(lm.dtype).removeprefix("torch."),
                            "code": code_version(), **library_versions()}}

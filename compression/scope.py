@@ -120,7 +120,8 @@ def check_scope(prefix: str, scopes: list[LayerScope], pattern: Pattern) -> None
     if unsupported:
         raise ValueError(f"cannot prune {len(unsupported)} weight matrices that are neither Linear, Conv1D nor fused "
                          f"experts: {', '.join(unsupported[:4])}{' ...' if len(unsupported) > 4 else ''}; keep them "
-                         f"dense with --exclude (patterns match full names such as 'model.layers.0.mlp.gate' or names inside a layer)")
+                         f"dense with --exclude (patterns match full names such as 'model.layers.0.mlp.gate' or "
+                         f"names inside a layer)")
     if pattern.structured:
         bad = [(f"{prefix}.{i}.{n}", w.shape[1]) for i, s in enumerate(scopes) for n, w in s.targets.items()
                if w.shape[1] % pattern.m]

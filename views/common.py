@@ -43,7 +43,8 @@ def label(row: dict) -> str:
     allocation = row.get("allocation") or "uniform"
     return (f"{row['run_id'][:8]} · {row['method']} {row['sparsity']:.0%} {row['pattern']}"
             + ("" if allocation == "uniform" else f" {allocation}")
-            + f" · {os.path.basename(row['calibration'])} · {name}" + (" · other code" if row.get("other_code") else ""))
+            + f" · {os.path.basename(row['calibration'])} · {name}"
+            + (" · other code" if row.get("other_code") else ""))
 
 
 def pick_run(rows: list[dict], key: str = "run", title: str = "Run", optional: bool = False) -> dict | None:

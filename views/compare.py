@@ -35,9 +35,9 @@ from views.common import (
 FILTERS = {"model": "Model", "method": "Method", "calibration": "Calibration", "sparsity": "Sparsity",
            "pattern": "Pattern", "allocation": "Allocation"}
 # the relative table's columns, {task} filled with the chosen task score; the others stay on the run's own pages
-TABLE = ["run_id", "model", "method", "sparsity", "pattern", "allocation", "calibration", "dense_ppl", "pruned_ppl", "ppl_ratio",
-         "ppl_ratio_ci", "jsd", "jsd_ci", "kl_dense_pruned", "flip_rate", "pruned_{task}", "{task}_relative",
-         "{task}_change", "{task}_change_ci"]
+TABLE = ["run_id", "model", "method", "sparsity", "pattern", "allocation", "calibration", "dense_ppl", "pruned_ppl",
+         "ppl_ratio", "ppl_ratio_ci", "jsd", "jsd_ci", "kl_dense_pruned", "flip_rate", "pruned_{task}",
+         "{task}_relative", "{task}_change", "{task}_change_ci"]
 # columns left out of the table, and named once above it, when every run shown has the same value
 REPEATED = ("model", "method", "sparsity", "pattern", "allocation", "calibration", "dense_ppl")
 FORMATS = {"sparsity": "%.2f", "dense_ppl": "%.2f", "pruned_ppl": "%.2f", "ppl_ratio": "%.3f", "jsd": "%.3g",

@@ -49,7 +49,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
             "peak_rss_mb": peak_rss_mb(), "peak_device_mb": report.peak_device_mb, "save_path": str(save_path),
             "overall_sparsity": report.overall_sparsity, "pruned_sparsity": report.pruned_sparsity,
             "model_sparsity": report.model_sparsity, "model_parameters": report.model_parameters,
-            "kept": report.kept, "check": report.check, "allocation": report.allocation, "batch_size": report.batch_size,
+            "kept": report.kept, "check": report.check, "allocation": report.allocation,
+            "batch_size": report.batch_size,
             "error_tokens": report.error_tokens,
             "layers": [{k: v for k, v in row.items() if k != "note" or v} for row in report.to_dict()["layers"]]}
 

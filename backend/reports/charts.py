@@ -36,7 +36,8 @@ METRICS: dict[str, str] = {
 # short human names of run-row columns, for table headers and bar labels
 LABELS: dict[str, str] = {
     "run_id": "run", "model": "model", "method": "method", "sparsity": "target sparsity", "pattern": "pattern",
-    "calibration": "calibration", "allocation": "allocation", "overall_sparsity": "measured sparsity", "dense_ppl": "dense perplexity",
+    "calibration": "calibration", "allocation": "allocation", "overall_sparsity": "measured sparsity",
+    "dense_ppl": "dense perplexity",
     "pruned_ppl": "pruned perplexity", "ppl_ratio": "perplexity ratio", "jsd": "JS divergence",
     "kl_dense_pruned": "KL(dense‖pruned)", "kl_pruned_dense": "KL(pruned‖dense)", "flip_rate": "top-1 flip rate",
     **{f"{side}_{t}": f"{side} {TASK_LABELS[t]}" for t in TASKS for side in ("dense", "pruned")},

@@ -58,8 +58,8 @@ def plan_for(spec: RunSpec, params: int, layers: int, dense_reused: bool, measur
 
     stages = [stage("calibration", spec.nsamples * (spec.seqlen if self_generated else 1),
                     "calibration self" if self_generated else None),
-              stage("pruning", layers * spec.nsamples * spec.seqlen * (METHOD_COST.get(spec.method, 1.0)
-                                                                        + OWL_PASS_COST * (spec.targets.allocation == "owl"))),
+              stage("pruning", layers * spec.nsamples * spec.seqlen
+                    * (METHOD_COST.get(spec.method, 1.0) + OWL_PASS_COST * (spec.targets.allocation == "owl"))),
               stage("saving", 1)]
     for side in ("pruned",) if dense_reused else ("dense", "pruned"):
         if ev.ppl:

@@ -174,7 +174,8 @@ def test_reference_and_sequential_orders_differ_after_the_first_group():
 def test_include_exclude_and_offload():
     model = tiny_model("llama")
     report = prune_model(model, random_windows(), create("wanda", sparsity=0.5),
-                         targets=Targets(include=("mlp.*",), exclude=("mlp.down_proj",)), offload=True, device=torch.device("cpu"))
+                         targets=Targets(include=("mlp.*",), exclude=("mlp.down_proj",)), offload=True,
+                         device=torch.device("cpu"))
     assert sorted({r.module for r in report.layers}) == ["mlp.gate_proj", "mlp.up_proj"]
     assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()
 

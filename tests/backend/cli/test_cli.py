@@ -19,7 +19,8 @@ from tests.conftest import ROOT, SHARED_DATA, error_line, needs_shared, run_cli
     (["--sparsity", "half"], "sparsity 'half' is not a number"),
     (["--sparsity", "0.5", "--pattern", "4:2"], "pattern '4:2' is not allowed: N:M needs 0 < N < M"),
     (["--sparsity", "0.5", "--pattern", "2:2"], "pattern '2:2' is not allowed"),
-    (["--sparsity", "0.5", "--method", "obs"], "method 'obs' is not known: use one of magnitude, wanda, sparsegpt, ria"),
+    (["--sparsity", "0.5", "--method", "obs"],
+     "method 'obs' is not known: use one of magnitude, wanda, sparsegpt, ria"),
     (["--sparsity", "0.5", "--calibration", "c5"], "'c5'"),
     (["--sparsity", "0.5", "--order", "fast"], "order 'fast' is not allowed"),
 ])
