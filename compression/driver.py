@@ -42,7 +42,7 @@ from compression.report import (
     peak_rss_mb,
 )
 from compression.scope import LayerScope, check_scope, layer_scope
-from compression.targets import Targets, owl_sparsities
+from compression.targets import Targets, matches, owl_sparsities
 from compression.timing import Stopwatch
 
 
@@ -220,6 +220,12 @@ def explicit_goals(prefix: str, scopes: list[LayerScope], targets: Targets, spar
     if targets.layers and len(targets.layers) != len(scopes):
         raise ValueError(f"--layer-sparsity gives {len(targets.layers)} sparsities but the model has {len(scopes)} "
                          f"decoder layers: give one per layer, or a JSON file of name patterns")
+    unused = [p for p, _ in targets.patterns if not any(matches(f"{prefix}.{i}.{name}", name, (p,))
+                                                         for i, scope in enumerate(scopes) for name in scope.targets)]
+    if unused:
+        raise ValueError(f"--layer-sparsity pattern(s) {', '.join(unused)} name no pruned matrix (full names look like "
+                         f"{prefix}.0.{next(iter(scopes[0].targets), 'mlp.down_proj')}): a typo would leave those "
+                         f"matrices at --sparsity")
     return [{name: targets.for_layer(i, f"{prefix}.{i}.{name}", name, sparsity) for name in scope.targets}
             for i, scope in enumerate(scopes)]
 

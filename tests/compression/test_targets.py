@@ -162,6 +162,8 @@ def test_contradictory_or_bad_targets_are_refused_by_name(tmp_path):
     clash = Targets(patterns=(("*.mlp.*", 0.3), ("*.down_proj", 0.4)))
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj is named by several"):
         prune_model(model, random_windows(), wanda, targets=clash)
+    with pytest.raises(ValueError, match=r"pattern\(s\) \*\.mlp\.dwn_proj name no pruned matrix"):
+        prune_model(model, random_windows(), wanda, targets=Targets(patterns=(("*.mlp.dwn_proj", 0.3),)))
     two_four = create("wanda", sparsity=0.5, pattern=Pattern(2, 4))
     with pytest.raises(ValueError, match="N:M pattern fixes every matrix"):
         prune_model(model, random_windows(), two_four, targets=Targets(allocation="owl"))

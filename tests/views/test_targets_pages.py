@@ -9,22 +9,13 @@ import json
 
 import numpy as np
 import pytest
-import streamlit as st
 
 from backend.runs import service
 from backend.runs.spec import EvalSettings, RunSpec
 from backend.runs.store import Store
 from compression.targets import Targets
 from tests.views.test_pages import figures, open_page, shape, title_of
-from tests.views.test_run_form import fill, jobs, page, submit, widgets
-
-
-@pytest.fixture(autouse=True)
-def clear_caches(monkeypatch):
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    monkeypatch.delenv("PRUNESCOPE_DATA_DIR", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+from tests.views.test_run_form import clear_caches, fill, jobs, page, submit, widgets  # noqa: F401 (autouse)
 
 
 def test_the_run_form_sends_owl_and_explicit_targets_and_refuses_bad_ones(monkeypatch, tmp_path, tiny_folder):
