@@ -7,17 +7,17 @@ import os
 
 import streamlit as st
 
+from backend.findings.predictors import MIN_RUNS
 from backend.reports import charts
 from backend.runs.protocol import (
     KEY_FIELDS,
-    METRIC_PART,
     comparable,
     groups,
     metric_note,
+    metric_part,
     part_label,
     protocol_label,
 )
-from backend.findings.predictors import MIN_RUNS
 from views.common import (
     filter_rows,
     filter_value,
@@ -56,7 +56,7 @@ st.title("📈 Compare")
 def relative_table(rows: list[dict], task: str, protocol: dict) -> None:
     """The runs' metrics relative to dense, with human column names and each metric's unit and protocol on hover,
     settings every run shares said once above instead of repeated; a selected row links to that run's pages."""
-    table = charts.done(rows)
+    table = charts.with_score(charts.done(rows), task)
     columns = [c.format(task=task) for c in TABLE]
     shown = table[columns].copy()
     shown["run_id"] = shown["run_id"].str[:8]
@@ -66,15 +66,15 @@ def relative_table(rows: list[dict], task: str, protocol: dict) -> None:
             shown[column] = [charts.interval_text(b) for b in shown[column]]
     config = {}
     for template, column in zip(TABLE, columns):
-        note = (metric_note(column, protocol) if column in METRIC_PART else
+        note = (metric_note(column, protocol) if metric_part(column) else
                 INTERVAL_HELP if column.endswith("_ci") else None)
         form = FORMATS.get(template)
-        config[column] = (st.column_config.NumberColumn(charts.LABELS[column], format=form, help=note) if form else
-                          st.column_config.TextColumn(charts.LABELS[column], help=note))
+        config[column] = (st.column_config.NumberColumn(charts.label(column), format=form, help=note) if form else
+                          st.column_config.TextColumn(charts.label(column), help=note))
     same = [c for c in REPEATED if len(shown) > 1 and shown[c].nunique(dropna=False) == 1]
     if same:
         st.caption("Same for every run shown: " + " · ".join(
-            f"{charts.LABELS[c]} {FORMATS[c] % shown[c].iloc[0] if c in FORMATS else shown[c].iloc[0]}" for c in same))
+            f"{charts.label(c)} {FORMATS[c] % shown[c].iloc[0] if c in FORMATS else shown[c].iloc[0]}" for c in same))
     picked = st.dataframe(shown, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row",
                           key="relative", column_config=config, placeholder=charts.MISSING,
                           column_order=[c for c in columns if c not in same])
@@ -95,7 +95,7 @@ def correlations(rows: list[dict], task: str) -> None:
         return
     found = predictor_ranking(tuple(r["run_id"] for r in rows), task, str(store().root))
     st.caption(f"Rank correlation, across the {len(found['runs'])} runs shown that keep per-example values, of each "
-               f"metric with the drop in {charts.TASK_LABELS[task]} (dense - pruned); intervals: 95% bootstrap over "
+               f"metric with the drop in {charts.score_label(task)} (dense - pruned); intervals: 95% bootstrap over "
                f"the windows, samples and examples every run was measured on, each run's metrics recomputed."
                + (f" {found['left_out']} run(s) without per-example values are left out." if found["left_out"] else ""))
     predicting = found["table"]
@@ -122,9 +122,10 @@ chosen = {}
 for column, (field, title) in zip(columns, FILTERS.items()):
     with column:
         chosen[field] = url_multiselect(field, title, sorted({filter_value(r, field) for r in rows}))
-with columns[-1]:
-    task = url_select("Task score", list(charts.TASKS), "task", charts.TASK_LABELS, default="f1")
 matching = filter_rows(rows, chosen)
+with columns[-1]:
+    scores = charts.scores(matching or rows)
+    task = url_select("Task score", scores, "task", {s: charts.score_label(s) for s in scores}, default="f1")
 st.caption(f"{len(matching)} of {len(rows)} finished runs match the filters.")
 if not matching:
     st.warning("No finished run matches these filters: widen them.")
@@ -177,7 +178,8 @@ else:
                      column_config={"B - A": st.column_config.NumberColumn(format="%+.4g")})
 
 st.subheader("Metric vs sparsity")
-metric = url_select("Metric", list(charts.METRICS), "metric", charts.METRICS)
+choices = charts.metrics_of(shown)
+metric = url_select("Metric", list(choices), "metric", choices)
 st.plotly_chart(charts.metric_vs_sparsity(shown, metric, protocol), key="curves")
 
 st.subheader("Which metric predicts the task loss?")

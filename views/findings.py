@@ -82,7 +82,8 @@ with left:
         key = url_select("Cohort (one model, calibration recipe and protocol)", [k for k, _ in found_cohorts],
                          "cohort", labels)
 with middle:
-    task = url_select("Task score", TASK_SCORES, "task", charts.TASK_LABELS, default="f1")
+    options = [*TASK_SCORES, *charts.lm_scores(charts.frame(rows))] if rows else TASK_SCORES
+    task = url_select("Task score", options, "task", {t: charts.score_label(t) for t in options}, default="f1")
 with right:
     close = st.number_input("Claim 1: 'close' perplexity ratio", min_value=1.01, value=CLOSE_PPL, step=0.1,
                             key="close", help="a pruned / dense perplexity ratio whose interval lies below this is "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from backend.reports.charts import interval_text
+from backend.reports.charts import interval_text, score_label
 from backend.runs import service
 from backend.runs.checks import data_dir_sources
 from backend.runs.progress import self_calibration_seconds
@@ -24,6 +24,7 @@ from backend.runs.spec import (
 )
 from backend.runs.store import StoreError
 from backend.runs.uncertainty import ROW_INTERVALS
+from backend.sources.lm_tasks import SHIPPED_TASK
 from views.common import data_dir, fmt, store
 from views.progress import show_progress
 
@@ -39,6 +40,8 @@ PICKERS: dict[str, list[str]] = {"calibration": [*TEXTS, *RECORDS, "self"], "ppl
 FORM_DEFAULT = RunSpec(method="wanda", sparsity=0.5, nsamples=32, seqlen=256,
                        evaluation=EvalSettings(ppl_windows=10, limit=50))
 JUDGE_DEFAULT = "gpt-4o-mini"
+TASK_SHOTS = "each task's own"
+SHOTS = (TASK_SHOTS, 0, 1, 2, 3, 5, 10, 25)
 
 st.title("🚀 Run")
 db = store()
@@ -56,7 +59,10 @@ def values_of(spec: RunSpec) -> dict:
               "judge_url": ev.judge_base_url or "", "allocation": spec.targets.allocation,
               "owl_m": float(spec.targets.owl_m), "owl_lambda": float(spec.targets.owl_lambda),
               "include": " ".join(spec.targets.include), "exclude": " ".join(spec.targets.exclude),
-              "layer_sparsity": layer_sparsity_text(spec.targets)}
+              "layer_sparsity": layer_sparsity_text(spec.targets), "lm_eval": ",".join(ev.lm_eval),
+              "lm_eval_limit": ev.lm_eval_limit or 0,
+              "lm_eval_fewshot": TASK_SHOTS if ev.lm_eval_fewshot is None else ev.lm_eval_fewshot,
+              "lm_eval_include": ev.lm_eval_include or ""}
     if named:
         values["calibration"] = spec.calibration
     if ev.judge_model:
@@ -190,6 +196,16 @@ def form(status: dict[str, str]) -> RunSpec | None:
             judge_url = st.text_input("Judge endpoint (empty: $OPENAI_BASE_URL or OpenAI)", key="judge_url")
             st.text_input("Its API key, only for another endpoint (kept in this dashboard's memory for the run, "
                           "never written)", type="password", key="judge_key")
+            with st.expander("lm-evaluation-harness tasks"):
+                harness = st.text_input("Tasks (comma-separated; empty: none)", key="lm_eval",
+                                        help=f"{SHIPPED_TASK} ships with PruneScope and runs offline; lm-eval's own "
+                                             "tasks (arc_easy, boolq, hellaswag, ...) read their data from the hub")
+                a, b = st.columns(2)
+                harness_limit = a.number_input("Documents per task (0: all)", min_value=0, key="lm_eval_limit")
+                shots = b.selectbox("Shots", SHOTS, key="lm_eval_fewshot")
+                harness_include = st.text_input("Folder of local task YAMLs (optional)", key="lm_eval_include",
+                                                help="dataset_path: json with dataset_kwargs.data_files; a relative "
+                                                     "file is read from this folder")
         submitted = st.form_submit_button("Prune and evaluate", type="primary")
     if not submitted:
         return None
@@ -213,7 +229,11 @@ def form(status: dict[str, str]) -> RunSpec | None:
                               tasks=tasks, limit=int(limit), max_new_tokens=int(max_new_tokens),
                               jsd_limit=int(jsd_limit) or None,
                               judge_model=judge_model.strip() if use_judge else None,
-                              judge_base_url=(judge_url.strip() or None) if use_judge else None)
+                              judge_base_url=(judge_url.strip() or None) if use_judge else None,
+                              lm_eval=tuple(t.strip() for t in harness.split(",") if t.strip()),
+                              lm_eval_limit=int(harness_limit) or None,
+                              lm_eval_fewshot=None if shots == TASK_SHOTS else int(shots),
+                              lm_eval_include=harness_include.strip() or None)
     return RunSpec(method=method, sparsity=sparsity, model=model.strip(), pattern=pattern,
                    calibration=calibration_file.strip() or calibration, nsamples=int(nsamples), seqlen=int(seqlen),
                    seed=int(seed), evaluation=evaluation, targets=targets)
@@ -240,6 +260,16 @@ def interval_help(row: dict, metric: str, change: str | None = None) -> str:
     return "\n\n".join(said)
 
 
+def harness_help(row: dict, key: str) -> str:
+    """An lm-eval score's protocol, both sides with lm-eval's stderr, and the change's paired interval."""
+    bounds = (row.get("intervals") or {}).get(f"delta.{key}")
+    sides = ", ".join(f"{side} {fmt(row.get(f'{side}_{key}'), '.4f')} ± {fmt(row.get(f'{side}_{key}_stderr'), '.4f')}"
+                      for side in ("dense", "pruned"))
+    return "\n\n".join([metric_note(f"pruned_{key}", row.get("protocol") or {}), f"{sides} (± lm-eval's stderr)",
+                         *([f"change vs dense, paired 95% interval over documents {interval_text(bounds, '.4g')}"]
+                           if bounds else [])])
+
+
 def show_summary(detail: dict) -> None:
     summary, row = detail["summary"], detail["row"]
     cols = st.columns(5)
@@ -252,6 +282,13 @@ def show_summary(detail: dict) -> None:
                    f"{row['pruned_f1'] - row['dense_f1']:+.3f} vs dense",
                    help=interval_help(row, "pruned_f1", "delta.f1"))
     cols[4].metric("Measured sparsity", fmt(row["overall_sparsity"], ".3f"))
+    harness = row.get("lm_eval") or []
+    for start in range(0, len(harness), 4):
+        for col, key in zip(st.columns(4), harness[start:start + 4]):
+            dense, pruned = row.get(f"dense_{key}"), row.get(f"pruned_{key}")
+            col.metric(score_label(key), fmt(pruned, ".4f"),
+                       delta=None if dense is None or pruned is None else f"{pruned - dense:+.4f} vs dense",
+                       help=harness_help(row, key))
     if summary and "flips_lost" in summary:
         st.caption(f"Answers right under dense and wrong pruned: {summary['flips_lost']}; the reverse: "
                    f"{summary['flips_gained']}.")

@@ -94,6 +94,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser, template_flag: str) -> N
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     parser.add_argument("--judge-model", help="LLM judge model name at an OpenAI-compatible endpoint (key: OPENAI_API_KEY)")
     parser.add_argument("--judge-base-url", help="endpoint, default $OPENAI_BASE_URL or OpenAI")
+    parser.add_argument("--lm-eval", metavar="TASK[,TASK...]", help="lm-evaluation-harness tasks scored on both "
+                        "models, e.g. prunescope_facts (ships with PruneScope, runs offline) or "
+                        "arc_easy,boolq (data from the hub)")
+    parser.add_argument("--lm-eval-limit", type=int, help="documents per lm-eval task (default: all)")
+    parser.add_argument("--lm-eval-fewshot", type=int, help="lm-eval shots (default: each task's own)")
+    parser.add_argument("--lm-eval-include", metavar="DIR", help="folder of local lm-eval task YAMLs "
+                        "(dataset_path: json, dataset_kwargs.data_files; relative files are read from DIR)")
 
 
 def add_store_argument(parser: argparse.ArgumentParser) -> None:
@@ -113,14 +120,18 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluation_from(args: argparse.Namespace) -> EvalSettings:
-    """The evaluation the flags ask for (perplexity, divergence and tasks on the paper's sets when none is named)."""
+    """The evaluation the flags ask for (perplexity, divergence and tasks on the paper's sets when none of them and
+    no lm-eval task is named)."""
     ppl, jsd, tasks = args.ppl, args.jsd, args.tasks
-    if not (ppl or jsd or tasks):
+    harness = tuple(t.strip() for t in (args.lm_eval or "").split(",") if t.strip())
+    if not (ppl or jsd or tasks or harness):
         ppl, jsd, tasks = "wikitext2", "alpaca", "unnatural"
     return EvalSettings(ppl=ppl, ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows, jsd=jsd, tasks=tasks,
                         limit=args.limit, template=args.eval_template, response_only=not args.all_tokens,
                         log2=args.log2, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        judge_model=args.judge_model, judge_base_url=args.judge_base_url, jsd_limit=args.jsd_limit)
+                        judge_model=args.judge_model, judge_base_url=args.judge_base_url, jsd_limit=args.jsd_limit,
+                        lm_eval=harness, lm_eval_limit=args.lm_eval_limit, lm_eval_fewshot=args.lm_eval_fewshot,
+                        lm_eval_include=args.lm_eval_include)
 
 
 def spec_from(args: argparse.Namespace, method: str, sparsity: float, pattern: str, calibration: str,

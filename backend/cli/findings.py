@@ -13,12 +13,21 @@ from backend.runs.store import Store
 TASK_CHOICES = ("em", "f1", "rouge1", "judge")
 
 
+def task_score(text: str) -> str:
+    """--task: an instruction-task score or an lm-eval score such as lm:prunescope_facts:acc."""
+    if text in TASK_CHOICES or (text.startswith("lm:") and text.count(":") >= 2):
+        return text
+    raise argparse.ArgumentTypeError(f"task score {text!r} is not allowed: use {', '.join(TASK_CHOICES)} or an "
+                                     f"lm-eval score lm:TASK:METRIC (as `show` lists them)")
+
+
 def add_parsers(sub) -> None:
     """The `findings` and `study` commands."""
     findings = sub.add_parser("findings", help="the paper's three claims tested on the store's runs, with verdicts")
     findings.add_argument("--model", help="only this model's runs (default: the largest cohort of any model)")
     findings.add_argument("--cohort", help="the cohort id to use (default: the one with the most runs)")
-    findings.add_argument("--task", default="f1", choices=TASK_CHOICES, help="task score the claims use (default f1)")
+    findings.add_argument("--task", default="f1", type=task_score, help="task score the claims use: em, f1, rouge1, "
+                          "judge or an lm-eval score lm:TASK:METRIC (default f1)")
     findings.add_argument("--close-ppl", type=float, default=None, metavar="RATIO",
                           help="claim 1: a pruned / dense perplexity ratio below this is 'close to dense' (1.5)")
     findings.add_argument("--queue", action="store_true", help="queue exactly the runs missing to decide the claims")

@@ -44,9 +44,12 @@ def print_eval(result: dict) -> None:
     cells = {side: [with_interval(values[side][key], intervals.get(f"{prefix[side]}.{key}"), spec)
                     for key, _, spec in shown] for side in values}
     widths = [max(len(title), *(len(cells[side][i]) for side in cells)) + 2 for i, (_, title, _) in enumerate(shown)]
-    print(f"{'':<15}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(shown, widths)))
-    for side in cells:
-        print(f"{side:<15}" + "".join(f"{cell:>{w}}" for cell, w in zip(cells[side], widths)))
+    if shown:
+        print(f"{'':<15}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(shown, widths)))
+        for side in cells:
+            print(f"{side:<15}" + "".join(f"{cell:>{w}}" for cell, w in zip(cells[side], widths)))
+    if "lm_eval" in result.get("protocol", {}):
+        print_harness(result)
     if "jsd" in result:
         p = result["protocol"]["divergence"]
         print("  ".join(f"{name} {with_interval(result[key], intervals.get(key), '.4f')}" for key, name in (
@@ -62,6 +65,26 @@ def print_eval(result: dict) -> None:
               f"{result['resamples']} resamples, seed {result['seed']}, over the units ({units}); pruned - dense "
               f"paired over the same units")
     print("seconds: " + "  ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+
+
+def print_harness(result: dict) -> None:
+    """lm-eval's scores: dense and pruned with lm-eval's stderr, pruned - dense with its paired bootstrap interval
+    over the documents, and the protocol (versions, documents, shots)."""
+    from backend.runs.protocol import lm_parts, part_label
+
+    intervals = result.get("intervals") or {}
+    lines = [("task", "metric", "dense ± stderr", "pruned ± stderr", "pruned - dense [95%]")]
+    for key, dense in result["dense"].get("lm_eval", {}).items():
+        pruned = result["pruned"]["lm_eval"].get(key)
+        errors = [result[side].get("lm_eval_stderr", {}).get(key) for side in ("dense", "pruned")]
+        change = None if dense is None or pruned is None else pruned - dense
+        lines.append((*lm_parts(key), *(fmt(v, ".4f") + (f" ± {e:.4f}" if e is not None else "")
+                                        for v, e in zip((dense, pruned), errors)),
+                      with_interval(change, intervals.get(f"delta.{key}"), "+.4f")))
+    widths = [max(len(line[i]) for line in lines) + 2 for i in range(len(lines[0]))]
+    print(part_label("lm_eval", result["protocol"]["lm_eval"]))
+    for line in lines:
+        print(("  " + "".join(f"{cell:<{w}}" for cell, w in zip(line, widths))).rstrip())
 
 
 def table_module(module: str) -> str:
@@ -122,13 +145,15 @@ def short_allocation(text: str | None) -> str:
 
 def print_runs(rows: list[dict]) -> None:
     print(f"{'run_id':<17}{'model':<14}{'method':<10}{'sparsity':>9}{'pattern':>13} {'alloc':<10}{'calibration':<12}"
-          f"{'state':<12}{'progress':<22}{'pid':>7}{'ppl d/p':>16}{'JS':>7}{'F1 d/p':>13}  code")
+          f"{'state':<12}{'progress':<22}{'pid':>7}{'ppl d/p':>16}{'JS':>7}{'F1 d/p':>13}{'lm-eval d/p':>14}  code")
     for r in rows:
+        first = (r.get("lm_eval") or [None])[0]  # the first lm-eval score, e.g. lm:prunescope_facts:acc
         print(f"{r['run_id']:<17}{Path(r['model']).name[:13]:<14}{r['method']:<10}{r['sparsity']:>9.2f}"
               f"{r['pattern']:>13} {short_allocation(r.get('allocation')):<10}{Path(r['calibration']).name[:11]:<12}"
               f"{r['state']:<12}{progress_text(r)[:21]:<22}"
               f"{r['worker_pid'] or '-':>7}{fmt(r['dense_ppl'], '.2f') + '/' + fmt(r['pruned_ppl'], '.2f'):>16}"
-              f"{fmt(r['jsd']):>7}{fmt(r['dense_f1']) + '/' + fmt(r['pruned_f1']):>13}  "
+              f"{fmt(r['jsd']):>7}{fmt(r['dense_f1']) + '/' + fmt(r['pruned_f1']):>13}"
+              f"{fmt(r.get(f'dense_{first}')) + '/' + fmt(r.get(f'pruned_{first}')):>14}  "
               f"{'other: ' + str(r['code']) if r.get('other_code') else 'current'}")
 
 

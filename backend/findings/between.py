@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backend.findings.evidence import Evidence, with_units
+from backend.runs.protocol import LM_PREFIX
 from backend.runs.store import Store
 from backend.runs.uncertainty import DIVERGENCES, SETTINGS, TASK_SCORES, UNIT_OF
 from metrics.intervals import Bootstrap, paired_difference
@@ -49,7 +50,10 @@ def _path(metric: str) -> tuple[str, ...]:
         return "divergence", metric
     if metric in TASK_SCORES:
         return "tasks", "pruned", metric
-    raise ValueError(f"metric {metric!r} cannot be compared between runs: use one of {', '.join(COMPARABLE)}")
+    if metric.startswith(LM_PREFIX):
+        return "lm_eval", "pruned", metric
+    raise ValueError(f"metric {metric!r} cannot be compared between runs: use one of {', '.join(COMPARABLE)} or an "
+                     f"lm-eval score ({LM_PREFIX}task:metric)")
 
 
 def _values(evidence: Evidence, path: tuple[str, ...]) -> list:
@@ -83,7 +87,7 @@ def difference(a: Evidence, b: Evidence, metric: str, settings: Bootstrap = SETT
 def differences(a: Evidence, b: Evidence, settings: Bootstrap = SETTINGS) -> list[Difference]:
     """b - a of every pruned metric both runs measured, each with its paired interval."""
     found = []
-    for metric in COMPARABLE:
+    for metric in (*COMPARABLE, *((a.units.get("lm_eval") or {}).get("pruned") or {})):
         path = _path(metric)
         try:
             _values(a, path), _values(b, path)

@@ -10,7 +10,15 @@ from typing import Sequence
 from backend.findings.between import difference
 from backend.findings.evidence import Cohort, Evidence
 from backend.findings.predictors import NAMES, Ranking, ranking
-from backend.findings.study import CALIBRATED, CLAIM_SPARSITY, GENERAL, PATTERN, TASK_SPECIFIC, Cell
+from backend.findings.study import (
+    CALIBRATED,
+    CLAIM_SPARSITY,
+    GENERAL,
+    PATTERN,
+    TASK_SPECIFIC,
+    Cell,
+)
+from backend.runs.protocol import LM_PREFIX
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "not held", "inconclusive"
 VERDICTS = (HELD, NOT_HELD, INCONCLUSIVE)
@@ -179,7 +187,8 @@ def _magnitude_remark(cohort: Cohort, task: str, others: dict[str, Evidence], mi
 
 def claim_two(cohort: Cohort, task: str, wanted: Sequence[Cell], min_runs: int = MIN_PREDICTOR_RUNS) -> Finding:
     """JS divergence ranks the runs' task loss better than the perplexity ratio does."""
-    runs = [e for e in cohort.runs() if all(part in e.units for part in ("ppl", "divergence", "tasks"))]
+    scored = "lm_eval" if task.startswith(LM_PREFIX) else "tasks"
+    runs = [e for e in cohort.runs() if all(part in e.units for part in ("ppl", "divergence", scored))]
     missing = [c for c in wanted if c not in cohort.evidence] if len(runs) < min_runs else []
     found = ranking(runs, task, compare=[("jsd", "ppl_ratio")])
     gap = found.difference("jsd", "ppl_ratio")

@@ -15,6 +15,7 @@ import pandas as pd
 from scipy import stats
 
 from backend.findings.evidence import Evidence
+from backend.runs.protocol import LM_PREFIX
 from backend.runs.uncertainty import DIVERGENCES, SETTINGS
 from metrics.intervals import Bootstrap, over_units
 from metrics.ranks import CORRELATIONS
@@ -91,7 +92,8 @@ def ranking(evidence: Sequence[Evidence], task: str = "f1", compare: Sequence[tu
     with intervals; plus the interval of the Spearman difference best - runner-up and of each pair in `compare`."""
     evidence = list(evidence)
     runs = [e.run_id for e in evidence]
-    dense, pruned = _matrix(evidence, "tasks", "dense", task), _matrix(evidence, "tasks", "pruned", task)
+    part = "lm_eval" if task.startswith(LM_PREFIX) else "tasks"  # an lm-eval score's units are its documents
+    dense, pruned = _matrix(evidence, part, "dense", task), _matrix(evidence, part, "pruned", task)
     empty = pd.DataFrame([{"metric": m, "n": len(evidence)} for m in PREDICTORS], columns=COLUMNS)
     if dense is None or pruned is None:
         return Ranking(empty.assign(note=f"{task} not measured"), task, runs, note=f"{task} was not measured")

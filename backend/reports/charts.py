@@ -12,7 +12,13 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from backend.runs.protocol import METRIC_PART, metric_note
+from backend.runs.protocol import (
+    LM_PREFIX,
+    lm_parts,
+    metric_note,
+    metric_part,
+    score_of,
+)
 from backend.runs.uncertainty import ROW_INTERVALS
 
 TASKS = ("em", "f1", "rouge1", "judge")
@@ -57,6 +63,61 @@ MISSING = "–"
 Rows = Iterable[Mapping] | pd.DataFrame
 
 
+def score_label(task: str) -> str:
+    """A task score's human name: 'F1', or 'prunescope_facts acc (lm-eval)' for an lm-eval score."""
+    if task in TASK_LABELS:
+        return TASK_LABELS[task]
+    name, metric = lm_parts(task)
+    return f"{name} {metric} (lm-eval)"
+
+
+def label(column: str) -> str:
+    """A run-row column's human name, lm-eval scores' columns included."""
+    if column in LABELS:
+        return LABELS[column]
+    key = score_of(column)
+    if key is None:
+        return column
+    for prefix, form in (("dense_", "dense {}"), ("pruned_", "pruned {}")):
+        if column.startswith(prefix):
+            rest = column[len(prefix):]
+            return form.format(score_label(key)) + (" stderr" if rest.endswith("_stderr") else
+                                                   " 95% interval" if rest.endswith("_ci") else "")
+    ends = {"_change_ci": "change 95% interval", "_change": "change", "_relative": "kept"}
+    return next((f"{score_label(key)} {what}" for end, what in ends.items() if column.endswith(end)), column)
+
+
+def metric_title(metric: str) -> str:
+    """A chartable metric's title (METRICS, or one of an lm-eval score's columns)."""
+    if metric in METRICS:
+        return METRICS[metric]
+    key = score_of(metric)
+    if key is None:
+        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    ends = {"_change": "change (pruned - dense)", "_relative": "kept (pruned / dense)"}
+    return next((f"{score_label(key)} {what}" for end, what in ends.items() if metric.endswith(end)),
+                f"pruned {score_label(key)}")
+
+
+def lm_scores(df: pd.DataFrame) -> list[str]:
+    """The lm-eval scores ('lm:task:metric') some row of a frame measured."""
+    prefix = "dense_" + LM_PREFIX
+    return sorted(c[len("dense_"):] for c in df.columns if c.startswith(prefix)
+                  and not c.endswith(("_stderr", "_ci")) and df[c].notna().any())
+
+
+def scores(rows: Rows) -> list[str]:
+    """Every task score a page can pick for these rows: the instruction-task scores, then their lm-eval scores."""
+    return [*TASKS, *lm_scores(frame(rows))]
+
+
+def metrics_of(rows: Rows) -> dict[str, str]:
+    """Every metric against sparsity with its title: METRICS, then each lm-eval score's change, kept and pruned."""
+    keys = lm_scores(frame(rows))
+    return {**METRICS, **{column: metric_title(column) for key in keys
+                          for column in (f"{key}_change", f"{key}_relative", f"pruned_{key}")}}
+
+
 def _ratio(num: pd.Series, den: pd.Series) -> pd.Series:
     """num / den, NaN where either is missing or den is 0."""
     return (num / den.where(den != 0)).astype(float)
@@ -73,12 +134,27 @@ def frame(rows: Rows) -> pd.DataFrame:
     for col in NUMERIC:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float) if col in df else np.nan
     df["ppl_ratio"] = _ratio(df["pruned_ppl"], df["dense_ppl"])
-    for t in TASKS:
+    harness = [c[len("dense_"):] for c in df.columns if c.startswith("dense_" + LM_PREFIX)
+               and not c.endswith(("_stderr", "_ci"))]
+    for key in harness:
+        for column in (f"dense_{key}", f"pruned_{key}", f"dense_{key}_stderr", f"pruned_{key}_stderr"):
+            df[column] = pd.to_numeric(df[column], errors="coerce").astype(float) if column in df else np.nan
+    for t in (*TASKS, *harness):
         df[f"{t}_change"] = df[f"pruned_{t}"] - df[f"dense_{t}"]
         df[f"{t}_relative"] = _ratio(df[f"pruned_{t}"], df[f"dense_{t}"])
     intervals = df["intervals"] if "intervals" in df else pd.Series([None] * len(df), index=df.index, dtype=object)
-    for column, key in ROW_INTERVALS.items():
+    bounded = {**ROW_INTERVALS, **{column: key for t in harness for column, key in (
+        (f"dense_{t}", f"dense.{t}"), (f"pruned_{t}", f"pruned.{t}"), (f"{t}_change", f"delta.{t}"))}}
+    for column, key in bounded.items():
         df[f"{column}_ci"] = [(i or {}).get(key) if isinstance(i, Mapping) else None for i in intervals]
+    return df
+
+
+def with_score(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The frame with every column a task score's charts read, empty where no run measured it."""
+    for column in (f"dense_{task}", f"pruned_{task}", f"{task}_change", f"{task}_relative", f"{task}_change_ci"):
+        if column not in df:
+            df[column] = np.nan if not column.endswith("_ci") else None
     return df
 
 
@@ -141,7 +217,7 @@ def unit(metric: str, protocol: Mapping) -> str | None:
 
 def axis_title(metric: str, protocol: Mapping) -> str:
     """A metric's axis title with its unit, e.g. 'Jensen-Shannon divergence (nats)'."""
-    name = METRICS.get(metric, LABELS.get(metric, metric))
+    name = METRICS.get(metric) or label(metric)
     return f"{name} ({unit(metric, protocol)})" if unit(metric, protocol) else name
 
 
@@ -193,7 +269,7 @@ def _empty(title: str, message: str) -> go.Figure:
 
 def _hover(row: pd.Series, task: str, js_unit: str | None = None) -> str:
     """Hover text of one run: identity, settings and the key metrics (divergences in `js_unit`)."""
-    label = TASK_LABELS.get(task, task)
+    label = score_label(task)
     in_unit = f" {js_unit}" if js_unit else ""
     return "<br>".join([
         f"<b>{row['run_id']}</b> {row['model'] or ''}",
@@ -213,8 +289,9 @@ def _hover(row: pd.Series, task: str, js_unit: str | None = None) -> str:
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if task not in TASKS and not task.startswith(LM_PREFIX):
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)} or an lm-eval score "
+                         f"({LM_PREFIX}task:metric)")
 
 
 def tradeoff_scatter(rows: Rows, task: str = "f1", protocol: Mapping | None = None) -> go.Figure:
@@ -222,15 +299,15 @@ def tradeoff_scatter(rows: Rows, task: str = "f1", protocol: Mapping | None = No
     method, symbol = calibration, size = sparsity, label = task score kept (pruned / dense); hovers and axes say
     the units and how each was measured. customdata[0] of each point is its run_id."""
     _check_task(task)
-    title = f"Perplexity vs divergence (labels: {TASK_LABELS[task]} kept, pruned / dense)"
+    title = f"Perplexity vs divergence (labels: {score_label(task)} kept, pruned / dense)"
     protocol = rows_protocol(rows, protocol)
-    df = done(rows)
+    df = with_score(done(rows), task)
     df = df[(df["ppl_ratio"] > 0) & df["jsd"].notna()]
     if df.empty:
         return _empty(title, "no finished runs with both perplexity and JSD yet")
     notes = (f"<br><br><i>x</i>: {note_html('ppl_ratio', protocol)}<br><i>y</i>: {note_html('jsd', protocol)}"
-             f"<br><i>labels</i>: {html.escape(LABELS[f'{task}_relative'])} = pruned / dense "
-             f"{html.escape(TASK_LABELS[task])}, each a {note_html(f'pruned_{task}', protocol)}")
+             f"<br><i>labels</i>: {html.escape(label(f'{task}_relative'))} = pruned / dense "
+             f"{html.escape(score_label(task))}, each a {note_html(f'pruned_{task}', protocol)}")
     colours = _colours(df["method"].fillna(MISSING).tolist())
     df["calibration"] = df["calibration"].fillna(MISSING)
     several = df["allocation"].nunique() > 1
@@ -265,12 +342,13 @@ def metric_vs_sparsity(rows: Rows, metric: str, protocol: Mapping | None = None)
     """One line per method (colour) and calibration (dash) of a metric against target sparsity (in [0, 1]), done
     runs of one protocol only (default: the one the rows share); runs sharing a point are averaged. A point of one
     run carries its 95% interval as an error bar (an average of several has none)."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
-    title = f"{METRICS[metric]} vs sparsity"
+    title = f"{metric_title(metric)} vs sparsity"
     protocol = rows_protocol(rows, protocol)
-    note = f"<br><br>{note_html(metric, protocol)}" if metric in METRIC_PART else ""
+    note = f"<br><br>{note_html(metric, protocol)}" if metric_part(metric) else ""
     df = done(rows)
+    key = score_of(metric)
+    if key is not None:
+        df = with_score(df, key)
     df = df[df[metric].notna() & df["sparsity"].notna()]
     if df.empty:
         return _empty(title, f"no finished runs with {metric} yet")
@@ -312,7 +390,7 @@ def metric_vs_sparsity(rows: Rows, metric: str, protocol: Mapping | None = None)
 def predictors_chart(table: pd.DataFrame, task: str | None = None) -> go.Figure:
     """Grouped bars of a predictors table (backend.findings.predictors.ranking): Spearman and Kendall per candidate
     metric, in [-1, 1], each with its bootstrap interval as an error bar."""
-    what = f"{TASK_LABELS.get(task, task)} drop" if task else "task drop"
+    what = f"{score_label(task)} drop" if task else "task drop"
     title = f"Which metric predicts the {what}? (rank correlation across runs, 95% intervals)"
     if table.empty or table[["spearman", "kendall"]].isna().all().all():
         notes = "; ".join(sorted(set(n for n in table.get("note", []) if n))) or "no runs"

@@ -38,16 +38,25 @@ section { margin: 2rem 0; } section.protocol { border-top: 3px solid #ddd; paddi
 def report_task(df: pd.DataFrame) -> str:
     """The task score the report leads with: the first of f1, em, rouge1, judge measured on a done run."""
     finished = charts.done(df)
-    for task in ("f1", "em", "rouge1", "judge"):
+    for task in ("f1", "em", "rouge1", "judge", *charts.lm_scores(finished)):
         if finished[f"{task}_change"].notna().any():
             return task
     return "f1"
 
 
 def runs_table(df: pd.DataFrame, task: str) -> str:
-    """The runs as an escaped HTML table: settings, the key metrics and the task scores."""
-    columns = [*TABLE_COLUMNS, f"dense_{task}", f"pruned_{task}", f"{task}_change", f"{task}_relative"]
+    """The runs as an escaped HTML table: settings, the key metrics, the task scores and every lm-eval score (dense
+    and pruned with lm-eval's stderr, and the change with its paired interval)."""
+    harness = [c for key in charts.lm_scores(df) if key != task
+               for c in (f"dense_{key}", f"dense_{key}_stderr", f"pruned_{key}", f"pruned_{key}_stderr",
+                         f"{key}_change", f"{key}_change_ci")]
+    columns = [*TABLE_COLUMNS, f"dense_{task}", f"pruned_{task}", f"{task}_change", f"{task}_relative", *harness]
+    df = charts.with_score(df.copy(), task)
+    for column in (c for c in columns if c.endswith("_ci") and c in df):
+        df[column] = [charts.interval_text(b, ".4g") if isinstance(b, (list, tuple)) else None for b in df[column]]
     table = df.reindex(columns=columns).sort_values(["model", "method", "calibration", "sparsity"], na_position="last")
+    table.columns = [charts.label(c) if c.startswith(("dense_lm:", "pruned_lm:", "lm:")) else c
+                     for c in table.columns]
     return table.to_html(index=False, escape=True, na_rep=charts.MISSING, classes="runs", border=0,
                          float_format=lambda v: f"{v:.4g}")
 
@@ -126,7 +135,7 @@ def build_html(rows: charts.Rows, layers_by_run: Mapping[str, list[dict]] | None
             _section("Perplexity vs divergence", embed(charts.tradeoff_scatter(df, task)), 3),
             _section("Against sparsity", "\n".join(
                 embed(charts.metric_vs_sparsity(df, m)) for m in ("ppl_ratio", "jsd", f"{task}_change")), 3),
-            _section(f"Which metric predicts the {charts.TASK_LABELS[task]} drop?",
+            _section(f"Which metric predicts the {charts.score_label(task)} drop?",
                      shown + embed(charts.predictors_chart(table, task)), 3)])
         heading = f"Protocol {number} of {len(found)}: {group['protocol']} · {len(group['runs'])} run(s)"
         parts.append(_section(heading, body, 2, "protocol"))

@@ -165,6 +165,22 @@ def check_evaluation(model: str, settings: EvalSettings, data_dir: str | None = 
     for label, source, count in (("jsd", settings.jsd, settings.jsd_records), ("tasks", settings.tasks, settings.limit)):
         if source:
             check_records(label, source, count, data_dir)
+    if settings.lm_eval:
+        check_harness(settings)
+
+
+def check_harness(settings: EvalSettings) -> None:
+    """lm-eval's tasks: the include folder readable (every YAML parses, its local data files exist) and every task
+    defined there or built into lm-eval, with the hub answering for the built-in ones (their data is there)."""
+    from backend.sources.lm_tasks import include_problem, task_problem
+
+    try:
+        problem = (include_problem(settings.lm_eval_include)
+                   or task_problem(settings.lm_eval, settings.lm_eval_include, hub_reachable()))
+    except ImportError as err:
+        raise SpecError(f"--lm-eval needs lm-eval ({err}): pip install -r requirements.txt") from None
+    if problem:
+        raise SpecError(problem)
 
 
 def check_perplexity(model: str, source: str, seqlen: int, data_dir: str | None = None,

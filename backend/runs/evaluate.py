@@ -8,6 +8,7 @@ from typing import Callable
 
 from backend.log import Log
 from backend.runs.progress import TokenSteps
+from backend.runs.protocol import lm_key
 from backend.runs.spec import EvalSettings
 from backend.runs.uncertainty import uncertainty, units_of
 from backend.sources.datasets import Dataset, load_source
@@ -113,7 +114,46 @@ def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: s
                             "failed": verdict.failed}
             out["judge_records"] = verdict.records
             out["seconds"][f"judge_{side}"] = time.perf_counter() - started
+    if settings.lm_eval:
+        from backend.sources.lm_tasks import include_roots
+        from metrics.harness import run_tasks
+
+        result = run_tasks(lm.model, lm.tokenizer, settings.lm_eval, include_roots(settings.lm_eval_include),
+                           settings.lm_eval_limit, settings.lm_eval_fewshot, settings.batch_size,
+                           progress=lambda d, n: progress(f"lm-eval {side}", d, n))
+        out["lm_eval"] = result.to_dict()
+        out["seconds"][f"lm_eval_{side}"] = result.seconds
+        log(f"lm-eval {side}: " + "; ".join(f"{task} " + ", ".join(f"{m} {v:.4f}" for m, v in scores.items()
+                                                                   if v is not None and not m.endswith("_stderr"))
+                                            for task, scores in result.scores.items()))
     return out
+
+
+def harness_summary(settings: EvalSettings, dense: dict, pruned: dict) -> tuple[dict, dict, dict]:
+    """Each side's lm-eval scores as {'lm:task:metric': value} and their stderrs, and the protocol they share; two
+    sides that did not read the same documents of the same task versions with the same shots are an error."""
+    for part in ("versions", "examples", "fewshot"):
+        if dense[part] != pruned[part]:
+            raise ValueError(f"lm-eval's dense and pruned runs differ in {part} ({dense[part]} vs {pruned[part]}): "
+                             f"their scores cannot be compared")
+    sides = {}
+    for side, found in (("dense", dense), ("pruned", pruned)):
+        values = {lm_key(task, metric): value for task, scores in found["scores"].items()
+                  for metric, value in scores.items() if not metric.endswith("_stderr")}
+        errors = {lm_key(task, metric[:-len("_stderr")]): value for task, scores in found["scores"].items()
+                  for metric, value in scores.items() if metric.endswith("_stderr")}
+        sides[side] = {"lm_eval": values, "lm_eval_stderr": errors}
+    protocol = {"tasks": list(settings.lm_eval), "limit": settings.lm_eval_limit, "fewshot": dense["fewshot"],
+                "examples": dense["examples"], "original": dense["original"], "versions": dense["versions"],
+                "higher_is_better": dense["higher_is_better"], "groups": dense["groups"],
+                "lm_eval_version": dense["version"], "include": settings.lm_eval_include}
+    return sides["dense"], sides["pruned"], protocol
+
+
+def harness_documents(side: dict) -> dict[str, list[float]]:
+    """A side's per-document values, keyed like its scores."""
+    return {lm_key(task, metric): values for task, metrics in side["documents"].items()
+            for metric, values in metrics.items()}
 
 
 def scored_tokens(tokenizer, ids, mask) -> list[str]:
@@ -230,10 +270,17 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
                 for example, record in zip(task_examples, measured["judge_records"]):
                     example[f"judge_{side}"] = record
         examples.extend(task_examples)
+    harness = None
+    if settings.lm_eval:
+        dense_scores, pruned_scores, summary["protocol"]["lm_eval"] = harness_summary(
+            settings, dense_side["lm_eval"], pruned_side["lm_eval"])
+        summary["dense"].update(dense_scores)
+        summary["pruned"].update(pruned_scores)
+        harness = (harness_documents(dense_side["lm_eval"]), harness_documents(pruned_side["lm_eval"]))
     judged = ({side: measured["judge_records"] for side, measured in (("dense", dense_side), ("pruned", pruned_side))}
               if settings.tasks and settings.judge_model else None)
     units = units_of(dense_side.get("ppl_windows"), pruned_side.get("ppl_windows"), divergence_samples, task_examples,
-                     judged)
+                     judged, harness)
     started = time.perf_counter()
     summary.update(uncertainty(units))
     summary["seconds"]["intervals"] = time.perf_counter() - started

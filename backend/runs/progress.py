@@ -23,7 +23,9 @@ PRIOR_SECONDS = {
     "judge": 1.0,                   # per answer (an API call)
     "divergence": 0.22,             # per record, both models
     "divergence on answers": 0.25,  # per answer, both models
+    "lm-eval": 0.09,                # per document of a 4-way multiple-choice task
 }
+LM_EVAL_DOCUMENTS = 100  # documents assumed per lm-eval task without --lm-eval-limit, until one job has measured
 PRIOR_PARAMS = 135e6
 METHOD_COST = {"magnitude": 0.5, "wanda": 1.0, "sparsegpt": 1.6, "ria": 1.0}
 OWL_PASS_COST = 0.5  # OWL's allocation pass: one dense forward of the calibration through every layer
@@ -68,6 +70,8 @@ def plan_for(spec: RunSpec, params: int, layers: int, dense_reused: bool, measur
             stages.append(stage(f"answers {side}", ev.limit * ev.max_new_tokens))
             if ev.judge_model:
                 stages.append(stage(f"judge {side}", ev.limit))
+        if ev.lm_eval:
+            stages.append(stage(f"lm-eval {side}", len(ev.lm_eval) * (ev.lm_eval_limit or LM_EVAL_DOCUMENTS)))
     if ev.jsd:
         stages.append(stage("divergence", ev.jsd_records))
     if ev.tasks:

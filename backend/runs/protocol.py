@@ -15,7 +15,9 @@ KEY_FIELDS: dict[str, tuple[str, ...]] = {
     "ppl": ("source", "data", "seqlen", "windows"),
     "divergence": ("source", "data", "records", "template", "positions", "unit"),
     "tasks": ("source", "data", "examples", "template", "max_new_tokens", "decoding", "judge"),
+    "lm_eval": ("tasks", "files", "examples", "fewshot", "versions", "lm_eval_version"),
 }
+LM_PREFIX = "lm:"
 # which part each metric of a run row was measured under
 METRIC_PART: dict[str, str] = {
     **{k: "ppl" for k in ("dense_ppl", "pruned_ppl", "ppl_ratio")},
@@ -24,6 +26,35 @@ METRIC_PART: dict[str, str] = {
     **{f"{t}_{kind}": "tasks" for t in ("em", "f1", "rouge1", "judge") for kind in ("change", "relative")},
     "answer_jsd": "tasks",
 }
+
+
+def lm_key(task: str, metric: str) -> str:
+    """The name of one lm-eval score among a run's metrics: 'lm:arc_easy:acc_norm'."""
+    return f"{LM_PREFIX}{task}:{metric}"
+
+
+def lm_parts(key: str) -> tuple[str, str]:
+    """(task, metric) of an lm-eval score's name."""
+    task, _, metric = key[len(LM_PREFIX):].partition(":")
+    return task, metric
+
+
+def score_of(column: str) -> str | None:
+    """The lm-eval score a run-row column is about ('dense_lm:t:m', 'lm:t:m_change', ...), else None."""
+    for prefix in ("dense_", "pruned_"):
+        if column.startswith(prefix + LM_PREFIX):
+            return column[len(prefix):].removesuffix("_ci").removesuffix("_stderr")
+    if column.startswith(LM_PREFIX):
+        for suffix in ("_change", "_relative", "_ci"):
+            if column.endswith(suffix):
+                return score_of(column[:-len(suffix)]) or column[:-len(suffix)]
+        return column
+    return None
+
+
+def metric_part(metric: str) -> str | None:
+    """Which part of the protocol measured a run-row metric, or None for a setting."""
+    return METRIC_PART.get(metric) or ("lm_eval" if score_of(metric) else None)
 
 
 def protocol_of(spec: Mapping, summary: Mapping, prints: Mapping) -> dict:
@@ -47,6 +78,11 @@ def protocol_of(spec: Mapping, summary: Mapping, prints: Mapping) -> dict:
         out["tasks"] = {"source": name, "data": data.get(name), "examples": t.get("examples"),
                         "template": t.get("template"), "max_new_tokens": t.get("max_new_tokens"),
                         "decoding": t.get("decoding"), "judge": settings.get("judge_model")}
+    if "lm_eval" in measured:
+        h = measured["lm_eval"]
+        out["lm_eval"] = {"tasks": h.get("tasks"), "files": (prints.get("lm_eval") or {}).get("tasks"),
+                          "examples": h.get("examples"), "fewshot": h.get("fewshot"), "versions": h.get("versions"),
+                          "lm_eval_version": h.get("lm_eval_version"), "limit": h.get("limit")}
     return out
 
 
@@ -69,6 +105,12 @@ def part_label(part: str, values: Mapping) -> str:
         return (f"JS/KL: {values.get('source')}, {values.get('records')} records, {values.get('positions')} "
                 f"tokens ({values.get('scored_tokens')} scored), {values.get('template')} template, "
                 f"{values.get('unit')}")
+    if part == "lm_eval":
+        tasks = ", ".join(f"{task} v{(values.get('versions') or {}).get(task)} "
+                          f"({(values.get('examples') or {}).get(task)} docs, "
+                          f"{(values.get('fewshot') or {}).get(task, 0)}-shot)"
+                          for task in (values.get("examples") or {}))
+        return f"lm-eval {values.get('lm_eval_version')}: {tasks or ', '.join(values.get('tasks') or [])}"
     judge = f", judge {values['judge']}" if values.get("judge") else ""
     return (f"tasks: {values.get('source')}, {values.get('examples')} examples, {values.get('template')} template, "
             f"{values.get('decoding')} <= {values.get('max_new_tokens')} new tokens{judge}")
@@ -93,8 +135,13 @@ UNITS: dict[str, str] = {
 
 def metric_note(metric: str, protocol: Mapping) -> str:
     """What a metric of a run row means and how it was measured: its unit and its part of the protocol."""
-    part = METRIC_PART.get(metric)
-    if metric in ("dense_ppl", "pruned_ppl"):
+    part = metric_part(metric)
+    if part == "lm_eval":
+        task, name = lm_parts(score_of(metric))
+        kind = next((what for end, what in (("_relative", "pruned / dense"), ("_change", "pruned - dense"))
+                     if metric.endswith(end)), "mean over documents, as lm-eval computes it")
+        unit = f"lm-eval {task} {name}, {kind}"
+    elif metric in ("dense_ppl", "pruned_ppl"):
         unit = UNITS["ppl"]
     elif metric == "ppl_ratio":
         unit = UNITS["ppl_ratio"]

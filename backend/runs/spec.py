@@ -51,6 +51,10 @@ class EvalSettings:
     judge_model: str | None = None
     judge_base_url: str | None = None
     jsd_limit: int | None = None  # records for the divergence; None: as many as `limit`
+    lm_eval: tuple[str, ...] = ()  # lm-evaluation-harness tasks (or groups) scored on both models
+    lm_eval_limit: int | None = None  # documents per task; None: all
+    lm_eval_fewshot: int | None = None  # shots; None: each task's own default
+    lm_eval_include: str | None = None  # a folder of local task YAMLs (PruneScope's own tasks are always found)
 
     @property
     def jsd_records(self) -> int:
@@ -69,12 +73,42 @@ class EvalSettings:
                                            or self.jsd_limit < 1):
             raise SpecError(f"jsd-limit {self.jsd_limit!r} is not allowed: use an integer of at least 1, or none "
                             f"(as many as --limit)")
-        if not (self.ppl or self.jsd or self.tasks):
-            raise SpecError("nothing to evaluate: give at least one of --ppl, --jsd, --tasks")
+        self.check_lm_eval()
+        if not (self.ppl or self.jsd or self.tasks or self.lm_eval):
+            raise SpecError("nothing to evaluate: give at least one of --ppl, --jsd, --tasks, --lm-eval")
+
+    def check_lm_eval(self) -> None:
+        """The lm-eval settings' own values; whether the tasks exist is checked on submit (backend/runs/checks.py)."""
+        if isinstance(self.lm_eval, str) or not all(isinstance(t, str) and t.strip() and "," not in t
+                                                     for t in self.lm_eval):
+            raise SpecError(f"lm-eval tasks {self.lm_eval!r} are not allowed: give task names, such as "
+                            f"--lm-eval prunescope_facts,arc_easy")
+        for name, least in (("lm_eval_limit", 1), ("lm_eval_fewshot", 0)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise SpecError(f"{name.replace('_', '-')} {value!r} is not allowed: use an integer of at least "
+                                f"{least}, or leave it out")
+        if not self.lm_eval and (self.lm_eval_limit is not None or self.lm_eval_fewshot is not None
+                                 or self.lm_eval_include):
+            raise SpecError("--lm-eval-limit, --lm-eval-fewshot and --lm-eval-include need --lm-eval TASKS")
 
     def sources(self) -> list[str]:
-        """The data sources this evaluation reads."""
+        """The data sources this evaluation reads (lm-eval's tasks read their own)."""
         return [s for s in (self.ppl, self.jsd, self.tasks) if s]
+
+    def to_dict(self) -> dict:
+        """Plain JSON values. The lm-eval settings came after runs were first stored: without lm-eval tasks they
+        are left out, so those runs keep their ids and their dense results."""
+        out = asdict(self)
+        if not self.lm_eval:
+            for name in LM_EVAL_FIELDS:
+                del out[name]
+        else:
+            out["lm_eval"] = list(self.lm_eval)
+        return out
+
+
+LM_EVAL_FIELDS = ("lm_eval", "lm_eval_limit", "lm_eval_fewshot", "lm_eval_include")
 
 
 
@@ -118,6 +152,10 @@ class RunSpec:
         if evaluation.judge_model:
             from metrics.judge import configured_endpoint, public_url
             evaluation = replace(evaluation, judge_base_url=public_url(evaluation.judge_base_url or configured_endpoint()))
+        if evaluation.lm_eval:
+            include = evaluation.lm_eval_include
+            evaluation = replace(evaluation, lm_eval=tuple(dict.fromkeys(t.strip() for t in evaluation.lm_eval)),
+                                 lm_eval_include=str(Path(include).expanduser().resolve()) if include else None)
         targets = self.targets
         owl = targets.allocation == "owl"  # OWL's settings mean nothing otherwise, so they must not split run ids
         targets = replace(targets, include=tuple(targets.include), exclude=tuple(targets.exclude),
@@ -180,7 +218,7 @@ class RunSpec:
 
     def to_dict(self) -> dict:
         """Plain JSON values: what the store keeps and the run id hashes."""
-        return {**asdict(self), "targets": self.targets.to_dict()}
+        return {**asdict(self), "evaluation": self.evaluation.to_dict(), "targets": self.targets.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSpec:
@@ -195,7 +233,7 @@ class RunSpec:
             bad = sorted(set(evaluation) - allowed)
             if bad:
                 raise SpecError(f"unknown evaluation field(s) {', '.join(bad)}: allowed are {', '.join(sorted(allowed))}")
-            evaluation = EvalSettings(**evaluation)
+            evaluation = EvalSettings(**{**evaluation, "lm_eval": tuple(evaluation.get("lm_eval") or ())})
         targets = data.get("targets") or {}
         if isinstance(targets, dict):
             try:
@@ -220,8 +258,13 @@ def fingerprints(spec: RunSpec, data_dir: str | None = None, device: str = "auto
         model = model_fingerprint(spec.model)
     except IdentityError as err:
         raise SpecError(str(err)) from None
-    return {"model": model, "data": {s: data_fingerprint(s, data_dir) for s in sorted(sources)},
-            "provenance": provenance(device, spec.dtype)}
+    prints = {"model": model, "data": {s: data_fingerprint(s, data_dir) for s in sorted(sources)},
+              "provenance": provenance(device, spec.dtype)}
+    if spec.evaluation.lm_eval:
+        from backend.sources.lm_tasks import fingerprint
+        from metrics.harness import lm_eval_version
+        prints["lm_eval"] = {"version": lm_eval_version(), "tasks": fingerprint(spec.evaluation.lm_eval_include)}
+    return prints
 
 
 def run_id(spec: RunSpec, prints: dict) -> str:
@@ -238,9 +281,11 @@ def dense_key(spec: RunSpec, prints: dict) -> str:
     """Identifies the dense side of an evaluation: one model, one evaluation setting (the batch size included: left
     padding in half precision changes greedy answers), the same data, the same provenance."""
     data = {s: prints["data"].get(s) for s in spec.evaluation.sources()}
-    canonical = json.dumps({"model": spec.model, "model_fp": prints["model"], "dtype": spec.dtype,
-                            "evaluation": asdict(spec.evaluation), "data": data,
-                            "provenance": prints.get("provenance")}, sort_keys=True, default=str)
+    words = {"model": spec.model, "model_fp": prints["model"], "dtype": spec.dtype,
+             "evaluation": spec.evaluation.to_dict(), "data": data, "provenance": prints.get("provenance")}
+    if spec.evaluation.lm_eval:
+        words["lm_eval"] = prints.get("lm_eval")
+    canonical = json.dumps(words, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -313,4 +313,8 @@ def run_record(row: sqlite3.Row, current_code: str) -> dict:
         for key in ("ppl", "em", "f1", "rouge1"):
             out[f"{side}_{key}"] = metrics.get(key)
         out[f"{side}_judge"] = (metrics.get("judge") or {}).get("overall")
+        for key, value in (metrics.get("lm_eval") or {}).items():
+            out[f"{side}_{key}"] = value
+            out[f"{side}_{key}_stderr"] = (metrics.get("lm_eval_stderr") or {}).get(key)
+    out["lm_eval"] = sorted((summary.get("dense") or {}).get("lm_eval") or {})
     return out

@@ -19,16 +19,18 @@ ROW_INTERVALS: dict[str, str] = {
     **{f"{side}_{t}": f"{side}.{t}" for side in SIDES for t in TASK_SCORES},
     **{f"{t}_change": f"delta.{t}" for t in TASK_SCORES},
 }
-UNIT_OF = {"ppl": "windows", "divergence": "samples", "tasks": "examples"}
+UNIT_OF = {"ppl": "windows", "divergence": "samples", "tasks": "examples", "lm_eval": "documents"}
 
 
 def units_of(dense_windows: Sequence[float] | None, pruned_windows: Sequence[float] | None,
              divergence_samples: Sequence[Mapping] | None, task_examples: Sequence[Mapping] | None,
-             judged: Mapping[str, Sequence[Mapping]] | None = None) -> dict:
+             judged: Mapping[str, Sequence[Mapping]] | None = None,
+             harness: tuple[Mapping[str, Sequence[float]], Mapping[str, Sequence[float]]] | None = None) -> dict:
     """The per-unit values of one evaluation, aligned by unit so that two runs measured with one protocol pair up:
     {'ppl': {'dense': [...], 'pruned': [...]}, 'divergence': {'jsd': [...], ...}, 'tasks': {'dense': {'em': [...],
     ...}, 'pruned': {...}, 'answer_jsd': [...]}}; a unit a metric could not score (a sample with no scored token,
-    an example the judge failed on) is None."""
+    an example the judge failed on) is None. lm-eval's scores that are means over documents add
+    'lm_eval': {'dense': {'lm:task:metric': [...]}, 'pruned': {...}}."""
     units: dict = {}
     if dense_windows is not None and pruned_windows is not None:
         units["ppl"] = {"dense": list(dense_windows), "pruned": list(pruned_windows)}
@@ -44,6 +46,12 @@ def units_of(dense_windows: Sequence[float] | None, pruned_windows: Sequence[flo
                 tasks[side]["judge"] = (scores + [None] * len(task_examples))[:len(task_examples)]
         tasks["answer_jsd"] = [e.get("answer_jsd") for e in task_examples]
         units["tasks"] = tasks
+    if harness is not None:
+        dense, pruned = harness
+        shared = [key for key in dense if key in pruned and len(dense[key]) == len(pruned[key])]
+        if shared:
+            units["lm_eval"] = {"dense": {k: list(dense[k]) for k in shared},
+                                "pruned": {k: list(pruned[k]) for k in shared}}
     return units
 
 
@@ -60,7 +68,8 @@ def _pairs(a: Sequence, b: Sequence) -> tuple[list[float], list[float]]:
 def intervals_of(units: Mapping, settings: Bootstrap = SETTINGS) -> dict[str, list[float] | None]:
     """One interval per metric the units hold: 'dense.ppl', 'pruned.ppl', 'delta.ppl' (pruned - dense) and
     'ratio.ppl' over windows; 'jsd', 'kl_dense_pruned', 'kl_pruned_dense', 'flip_rate' over samples; 'dense.T',
-    'pruned.T', 'delta.T' for each task score T and 'answer_jsd' over examples. None where under 2 units."""
+    'pruned.T', 'delta.T' for each task score T and 'answer_jsd' over examples; 'dense.K', 'pruned.K', 'delta.K'
+    for each lm-eval score K ('lm:task:metric') over documents. None where under 2 units."""
     out: dict[str, list[float] | None] = {}
     ppl = units.get("ppl")
     if ppl:
@@ -80,6 +89,11 @@ def intervals_of(units: Mapping, settings: Bootstrap = SETTINGS) -> dict[str, li
             out[f"delta.{score}"] = paired_difference(*_pairs(tasks["dense"][score], tasks["pruned"][score]),
                                                       "mean", settings)
         out["answer_jsd"] = interval(_present(tasks.get("answer_jsd") or []), "mean", settings)
+    harness = units.get("lm_eval")
+    for key in (harness or {}).get("dense", {}):
+        for side in SIDES:
+            out[f"{side}.{key}"] = interval(harness[side][key], "mean", settings)
+        out[f"delta.{key}"] = paired_difference(harness["dense"][key], harness["pruned"][key], "mean", settings)
     return out
 
 

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 
 from backend.sources.hub import hub_reachable
-from backend.sources.names import DEFAULT_MODEL, DTYPE_ALIASES, EMBEDDED, model_problem
+from backend.sources.names import (
+    DEFAULT_MODEL,
+    DTYPE_ALIASES,
+    EMBEDDED,
+    cache_dir,
+    model_problem,
+)
 from compression.calibration import model_context
 from compression.memory import dimensions, free_bytes
 
@@ -38,15 +44,6 @@ class LoadedModel:
     path: str
     device: torch.device
     dtype: torch.dtype
-
-
-def cache_dir() -> Path:
-    """Where converted models live: PRUNESCOPE_CACHE, else the user cache directory."""
-    env = os.environ.get("PRUNESCOPE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "prunescope"
 
 
 def pick_device(device: str | None = None) -> torch.device:

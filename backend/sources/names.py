@@ -3,6 +3,7 @@ names, and why a model name cannot be used."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -13,6 +14,15 @@ EMBEDDED_PACKAGES: dict[str, str] = {name: package.replace("_", "-") for name, (
 DTYPE_ALIASES: dict[str, str] = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DTYPE_NAMES: tuple[str, ...] = ("auto", *dict.fromkeys(DTYPE_ALIASES.values()))
+
+
+def cache_dir() -> Path:
+    """Where converted models (and other derived files) live: PRUNESCOPE_CACHE, else the user cache directory."""
+    env = os.environ.get("PRUNESCOPE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "prunescope"
 
 
 def model_problem(model: str) -> str | None:

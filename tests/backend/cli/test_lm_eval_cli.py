@@ -1,0 +1,124 @@
+"""lm-eval as a first-class evaluation, against lm-eval's own CLI as the oracle: the scores PruneScope computes in
+process (the tiny model through the store's worker, the embedded model through api.evaluate) equal those of
+`python -m lm_eval --model hf` run on the saved dense and pruned folders, to 1e-9; the run's progress counted
+lm-eval's requests; bad task settings are refused in one line with nothing queued."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend import api
+from backend.runs.protocol import protocol_label
+from backend.runs.store import Store
+from backend.sources.lm_tasks import SHIPPED, SHIPPED_TASK
+from metrics.harness import metric_name
+from tests.conftest import error_line, run_cli
+
+TINY_LIMIT, EMBEDDED_LIMIT = 24, 40
+METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+
+
+def lm_eval_cli(folder: Path, out: Path, limit: int) -> subprocess.Popen:
+    """lm-eval's own CLI on a saved model folder, started from the shipped task's folder (lm-eval reads a relative
+    data file from the working directory)."""
+    out.mkdir(parents=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={folder},dtype=float32",
+         "--tasks", SHIPPED_TASK, "--include_path", str(SHIPPED), "--device", "cpu", "--batch_size", "16",
+         "--limit", str(limit), "--output_path", str(out)],
+        cwd=SHIPPED, stdout=subprocess.DEVNULL, stderr=open(out / "stderr.txt", "w"))
+
+
+def cli_scores(process: subprocess.Popen, out: Path) -> dict[str, float]:
+    assert process.wait(timeout=600) == 0, (out / "stderr.txt").read_text()[-3000:]
+    found = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert found["n-samples"][SHIPPED_TASK]["effective"] > 0
+    return {metric_name(k): v for k, v in found["results"][SHIPPED_TASK].items() if "," in k}
+
+
+@pytest.fixture(scope="module")
+def oracle(lm_store, tiny_folder, embedded_folder, tmp_path_factory) -> dict:
+    """PruneScope's scores and the CLI's for four folders: the tiny dense model and its Wanda run from the store, the
+    embedded model and its Wanda 50% pruned in process; the four CLI runs go side by side."""
+    root = tmp_path_factory.mktemp("lm-oracle")
+    store = Store(lm_store)
+    wanda = next(r for r in store.runs() if r["method"] == "wanda")
+    tiny = store.metrics(wanda["run_id"])["summary"]
+    pruned = api.prune("smollm2-135m", "wanda", 0.5, calibration="demo-prose", nsamples=4, seqlen=128, device="cpu")
+    pruned_folder = pruned.save(root / "embedded-wanda")
+    dense = api.load("smollm2-135m", device="cpu")
+    embedded, _ = api.evaluate(dense, pruned, ppl=None, jsd=None, tasks=None, lm_eval=(SHIPPED_TASK,),
+                               lm_eval_limit=EMBEDDED_LIMIT, device="cpu")
+    runs = {"tiny dense": (tiny_folder, TINY_LIMIT),
+            "tiny pruned": (store.artifact(wanda["run_id"], "model")["path"], TINY_LIMIT),
+            "embedded dense": (embedded_folder, EMBEDDED_LIMIT), "embedded pruned": (pruned_folder, EMBEDDED_LIMIT)}
+    started = {name: (lm_eval_cli(folder, root / name.replace(" ", "-"), limit), root / name.replace(" ", "-"))
+               for name, (folder, limit) in runs.items()}
+    return {"ours": {"tiny": tiny, "embedded": embedded}, "run": wanda, "store": store,
+            "cli": {name: cli_scores(*pair) for name, pair in started.items()}}
+
+
+@pytest.mark.parametrize("model", ["tiny", "embedded"])
+def test_scores_equal_lm_evals_own_cli_on_the_saved_folders(oracle, model):
+    summary = oracle["ours"][model]
+    for side in ("dense", "pruned"):
+        cli = oracle["cli"][f"{model} {side}"]
+        for metric in METRICS:
+            name = metric.removesuffix("_stderr")
+            part = "lm_eval_stderr" if metric.endswith("_stderr") else "lm_eval"
+            ours = summary[side][part][f"lm:{SHIPPED_TASK}:{name}"]
+            assert abs(ours - cli[metric]) <= 1e-9, (model, side, metric, ours, cli[metric])
+    protocol = summary["protocol"]["lm_eval"]
+    limit = TINY_LIMIT if model == "tiny" else EMBEDDED_LIMIT
+    assert protocol["examples"] == {SHIPPED_TASK: limit} and protocol["versions"] == {SHIPPED_TASK: "1.0"}
+    assert protocol["fewshot"] == {SHIPPED_TASK: 0} and protocol["lm_eval_version"] == "0.4.13"
+    # the paired interval of the change is drawn from the per-document values, which average to lm-eval's scores
+    units = summary["units"]["lm_eval"]
+    for side in ("dense", "pruned"):
+        documents = units[side][f"lm:{SHIPPED_TASK}:acc"]
+        assert len(documents) == limit
+        assert abs(sum(documents) / limit - summary[side]["lm_eval"][f"lm:{SHIPPED_TASK}:acc"]) < 1e-12
+    key = f"lm:{SHIPPED_TASK}:acc"
+    low, high = summary["intervals"][f"delta.{key}"]
+    assert low <= summary["pruned"]["lm_eval"][key] - summary["dense"]["lm_eval"][key] <= high
+
+
+def test_the_run_counted_lm_evals_requests_and_its_row_carries_the_scores(oracle):
+    store, run = oracle["store"], oracle["run"]
+    job = store.latest_job(run["run_id"])
+    assert (job["stage"], job["done"], job["total"]) == ("lm-eval pruned", 4 * TINY_LIMIT, 4 * TINY_LIMIT)
+    row = next(r for r in store.runs() if r["run_id"] == run["run_id"])
+    key = f"lm:{SHIPPED_TASK}:acc"
+    assert row["lm_eval"] == [key, f"lm:{SHIPPED_TASK}:acc_norm"]
+    assert row[f"pruned_{key}"] == oracle["cli"]["tiny pruned"]["acc"]
+    assert row[f"dense_{key}_stderr"] == pytest.approx(oracle["cli"]["tiny dense"]["acc_stderr"], abs=1e-9)
+    assert "lm-eval 0.4.13: prunescope_facts v1.0 (24 docs, 0-shot)" in protocol_label(row["protocol"])
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--lm-eval", "prunescope_fact"], "lm-eval task 'prunescope_fact' is not defined in PruneScope's tasks "
+                                       "(prunescope_facts) nor among lm-eval's built-in tasks: did you mean "
+                                       "prunescope_facts?"),
+    (["--lm-eval", "arc_easy"], "lm-eval task 'arc_easy' reads its data from the Hugging Face hub, which does not "
+                                "answer: run it where the hub is reachable, or use --lm-eval-include"),
+    (["--lm-eval", "ten", "--lm-eval-include", "{broken}"], "lm-eval task file {broken}/ten.yaml, line 2:"),
+    (["--lm-eval-limit", "5", "--ppl", "demo-prose"], "--lm-eval-limit, --lm-eval-fewshot and --lm-eval-include need "
+                                                     "--lm-eval TASKS"),
+])
+def test_bad_lm_eval_settings_are_refused_in_one_line_with_nothing_queued(flags, said, tiny_folder, tmp_path,
+                                                                           capsys):
+    broken = tmp_path / "tasks"
+    broken.mkdir()
+    (broken / "ten.yaml").write_text("task: ten\n dataset_path: [json\n")
+    flags = [f.format(broken=broken) for f in flags]
+    code, _, err = run_cli(["run", "--model", str(tiny_folder), "--method", "wanda", "--sparsity", "0.5",
+                            "--calibration", "demo-prose", "--nsamples", "4", "--seqlen", "64", *flags,
+                            "--store", str(tmp_path / "store"), "--detach"], capsys)
+    assert code == 2
+    assert said.format(broken=broken) in error_line(err), err
+    assert not (tmp_path / "store").exists() or Store(tmp_path / "store").runs() == []
