@@ -56,6 +56,10 @@ class EvalSettings:
     lm_eval_fewshot: int | None = None  # shots; None: each task's own default
     lm_eval_include: str | None = None  # a folder of local task YAMLs (PruneScope's own tasks are always found)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.lm_eval, list):  # from JSON or a caller's list: a tuple keeps the settings hashable
+            object.__setattr__(self, "lm_eval", tuple(self.lm_eval))
+
     @property
     def jsd_records(self) -> int:
         """How many records the divergence reads."""
@@ -233,7 +237,7 @@ class RunSpec:
             bad = sorted(set(evaluation) - allowed)
             if bad:
                 raise SpecError(f"unknown evaluation field(s) {', '.join(bad)}: allowed are {', '.join(sorted(allowed))}")
-            evaluation = EvalSettings(**{**evaluation, "lm_eval": tuple(evaluation.get("lm_eval") or ())})
+            evaluation = EvalSettings(**evaluation)
         targets = data.get("targets") or {}
         if isinstance(targets, dict):
             try:

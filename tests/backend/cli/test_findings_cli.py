@@ -46,7 +46,8 @@ def test_an_empty_store_names_the_missing_runs_and_the_command_that_queues_them(
 
 @pytest.mark.parametrize("args,expected", [
     (["--close-ppl", "0.9"], "--close-ppl 0.9 is not allowed: use a ratio above 1"),
-    (["--task", "bleu"], "argument --task: invalid choice: 'bleu'"),
+    (["--task", "bleu"], "argument --task: task score 'bleu' is not allowed: use em, f1, rouge1, judge or an lm-eval "
+                         "score lm:TASK:METRIC"),
     (["--cohort", "nope"], "cohort 'nope' is not among this store's finished runs: use no --cohort"),
 ])
 def test_bad_findings_arguments_give_one_line(args, expected, tmp_path, capsys):

@@ -42,23 +42,26 @@ def cli_scores(process: subprocess.Popen, out: Path) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def oracle(lm_store, tiny_folder, embedded_folder, tmp_path_factory) -> dict:
+def oracle(request, tiny_folder, embedded_folder, tmp_path_factory) -> dict:
     """PruneScope's scores and the CLI's for four folders: the tiny dense model and its Wanda run from the store, the
-    embedded model and its Wanda 50% pruned in process; the four CLI runs go side by side."""
+    embedded model and its magnitude 50% pruned in process. The CLI runs go side by side, the dense ones started
+    first so they overlap the store's runs."""
     root = tmp_path_factory.mktemp("lm-oracle")
-    store = Store(lm_store)
+    started = {name: (lm_eval_cli(folder, root / name.replace(" ", "-"), limit), root / name.replace(" ", "-"))
+               for name, folder, limit in (("tiny dense", tiny_folder, TINY_LIMIT),
+                                           ("embedded dense", embedded_folder, EMBEDDED_LIMIT))}
+    store = Store(request.getfixturevalue("lm_store"))
     wanda = next(r for r in store.runs() if r["method"] == "wanda")
     tiny = store.metrics(wanda["run_id"])["summary"]
-    pruned = api.prune("smollm2-135m", "wanda", 0.5, calibration="demo-prose", nsamples=4, seqlen=128, device="cpu")
-    pruned_folder = pruned.save(root / "embedded-wanda")
+    started["tiny pruned"] = (lm_eval_cli(store.artifact(wanda["run_id"], "model")["path"], root / "tiny-pruned",
+                                          TINY_LIMIT), root / "tiny-pruned")
+    pruned = api.prune("smollm2-135m", "magnitude", 0.5, calibration="demo-prose", nsamples=1, seqlen=64,
+                       device="cpu")
+    started["embedded pruned"] = (lm_eval_cli(pruned.save(root / "embedded-magnitude"), root / "embedded-pruned",
+                                              EMBEDDED_LIMIT), root / "embedded-pruned")
     dense = api.load("smollm2-135m", device="cpu")
     embedded, _ = api.evaluate(dense, pruned, ppl=None, jsd=None, tasks=None, lm_eval=(SHIPPED_TASK,),
                                lm_eval_limit=EMBEDDED_LIMIT, device="cpu")
-    runs = {"tiny dense": (tiny_folder, TINY_LIMIT),
-            "tiny pruned": (store.artifact(wanda["run_id"], "model")["path"], TINY_LIMIT),
-            "embedded dense": (embedded_folder, EMBEDDED_LIMIT), "embedded pruned": (pruned_folder, EMBEDDED_LIMIT)}
-    started = {name: (lm_eval_cli(folder, root / name.replace(" ", "-"), limit), root / name.replace(" ", "-"))
-               for name, (folder, limit) in runs.items()}
     return {"ours": {"tiny": tiny, "embedded": embedded}, "run": wanda, "store": store,
             "cli": {name: cli_scores(*pair) for name, pair in started.items()}}
 

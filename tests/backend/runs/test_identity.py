@@ -109,3 +109,20 @@ def test_a_run_made_by_other_code_is_labelled_and_a_new_submission_computes_it_a
     assert new_id != old_id
     again = store.submit(spec, prints, new_id)
     assert not again.cached and again.state == "queued"
+
+
+def test_lm_eval_settings_split_ids_only_when_set_and_follow_the_task_files(folder, tmp_path):
+    base = spec_of(folder)
+    assert "lm_eval" not in base.to_dict()["evaluation"]  # runs stored before lm-eval existed keep their ids
+    tasks = tmp_path / "tasks"
+    shutil.copytree(ROOT / "backend" / "sources" / "demo" / "lm_eval", tasks)
+    scored = spec_of(folder, evaluation=replace(EVAL, lm_eval=["prunescope_facts"], lm_eval_include=str(tasks)))
+    assert RunSpec.from_dict(json.loads(json.dumps(scored.normalised().to_dict()))) == scored.normalised()
+    first = identity(scored)
+    assert first != identity(base)
+    assert identity(spec_of(folder, evaluation=replace(scored.evaluation, lm_eval_limit=10))) != first
+    data = tasks / "prunescope_facts.jsonl"
+    data.write_text(data.read_text().replace("Paris", "Lutetia"))  # one answer changed: a new experiment
+    assert identity(scored) != first
+    with pytest.raises(SpecError, match="need --lm-eval TASKS"):
+        spec_of(folder, evaluation=replace(EVAL, lm_eval_fewshot=2)).check()
