@@ -157,11 +157,10 @@ LM_EVAL = ("--lm-eval", "prunescope_facts", "--lm-eval-limit", "24")
 @pytest.fixture(scope="session")
 def lm_store(tmp_path_factory, tiny_folder) -> Path:
     """A store with Wanda and SparseGPT at 50% on the tiny model, each scored by lm-eval on PruneScope's own task
-    (24 documents) beside a perplexity, made by the real CLI and worker."""
+    (24 documents) alone, made by the real CLI and worker."""
     root = tmp_path_factory.mktemp("lm-store")
     backend_cli(root, "sweep", "--model", str(tiny_folder), "--methods", "wanda", "sparsegpt", "--sparsities", "0.5",
-                "--calibrations", "demo-prose", "--nsamples", "4", "--seqlen", "64", "--ppl", "demo-prose",
-                "--ppl-seqlen", "64", "--ppl-windows", "2", *LM_EVAL)
+                "--calibrations", "demo-prose", "--nsamples", "4", "--seqlen", "64", *LM_EVAL)
     yield root
     stop_worker(root)
 

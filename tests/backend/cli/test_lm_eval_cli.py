@@ -19,7 +19,7 @@ from backend.sources.lm_tasks import SHIPPED, SHIPPED_TASK
 from metrics.harness import metric_name
 from tests.conftest import error_line, run_cli
 
-TINY_LIMIT, EMBEDDED_LIMIT = 24, 40
+TINY_LIMIT, EMBEDDED_LIMIT = 24, 32
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 
 
@@ -101,6 +101,10 @@ def test_the_run_counted_lm_evals_requests_and_its_row_carries_the_scores(oracle
     assert row[f"pruned_{key}"] == oracle["cli"]["tiny pruned"]["acc"]
     assert row[f"dense_{key}_stderr"] == pytest.approx(oracle["cli"]["tiny dense"]["acc_stderr"], abs=1e-9)
     assert "lm-eval 0.4.13: prunescope_facts v1.0 (24 docs, 0-shot)" in protocol_label(row["protocol"])
+    # the dense side is scored once for the two runs of the sweep, and both carry the same dense numbers
+    summaries = [store.metrics(r["run_id"])["summary"] for r in store.runs()]
+    assert sorted("lm_eval_dense" in s["seconds"] for s in summaries) == [False, True]
+    assert summaries[0]["dense"] == summaries[1]["dense"]
 
 
 @pytest.mark.parametrize("flags, said", [
