@@ -170,10 +170,9 @@ def run_tasks(model, tokenizer, names: Sequence[str], roots: Sequence[Path] = ()
     """lm_eval.simple_evaluate on the model in memory, with lm-eval's defaults (seeds, stderr bootstrap) so the
     numbers equal its CLI's on the same model saved to a folder."""
     import lm_eval
-
-    started = time.perf_counter()
     from lm_eval.models.huggingface import HFLM
 
+    started = time.perf_counter()
     manager, tasks = load_tasks(names, roots)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with counted_requests(progress):

@@ -142,6 +142,9 @@ def watched_spec(model: str) -> RunSpec:
 def test_the_form_shows_the_watched_run_s_settings_and_keeps_later_edits(monkeypatch, tmp_path, tiny_folder):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    # queue only: a refused submission would otherwise start a worker that runs these two jobs (and calls the
+    # made-up judge) in the background of the rest of the suite
+    monkeypatch.setattr(service, "start", lambda *args, **kwargs: None)
     store = tmp_path / "store"
     folder = data_folder(tmp_path, {"alpaca": [{"instruction": "Say hi.", "output": "Hi."}]})
     first = service.submit(Store(store), watched_spec(str(tiny_folder)), str(folder), start_worker=False)
