@@ -71,13 +71,17 @@ def relative_table(rows: list[dict], task: str, protocol: dict) -> None:
         form = FORMATS.get(template)
         config[column] = (st.column_config.NumberColumn(charts.label(column), format=form, help=note) if form else
                           st.column_config.TextColumn(charts.label(column), help=note))
-    same = [c for c in REPEATED if len(shown) > 1 and shown[c].nunique(dropna=False) == 1]
+    unmeasured = [c for c in columns if metric_part(c) and metric_part(c) not in protocol]
+    same = [c for c in REPEATED if len(shown) > 1 and shown[c].nunique(dropna=False) == 1 and c not in unmeasured]
     if same:
         st.caption("Same for every run shown: " + " · ".join(
             f"{charts.label(c)} {FORMATS[c] % shown[c].iloc[0] if c in FORMATS else shown[c].iloc[0]}" for c in same))
+    hidden = {*same, *unmeasured, *(f"{c}_ci" for c in unmeasured)}
     picked = st.dataframe(shown, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row",
                           key="relative", column_config=config, placeholder=charts.MISSING,
-                          column_order=[c for c in columns if c not in same])
+                          column_order=[c for c in columns if c not in hidden])
+    if unmeasured:
+        st.caption("Not measured in this protocol: " + ", ".join(charts.label(c) for c in unmeasured) + ".")
     selected = picked["selection"]["rows"] if picked else []
     if selected:
         rid = table.iloc[selected[0]]["run_id"]

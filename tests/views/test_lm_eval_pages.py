@@ -51,6 +51,10 @@ def test_compare_offers_lm_eval_scores_and_shows_the_stored_values(monkeypatch, 
     assert picker.value == KEY
     assert {"prunescope_facts acc (lm-eval)", "prunescope_facts acc_norm (lm-eval)", "F1"} <= set(picker.options)
     table = next(d for d in at.dataframe if f"pruned_{KEY}" in d.value.columns)
+    # a protocol of lm-eval alone: the perplexity and divergence columns are named once as not measured, not shown
+    assert f"pruned_{KEY}" in table.proto.column_order and "pruned_ppl" not in table.proto.column_order
+    assert any(c.value.startswith("Not measured in this protocol: dense perplexity, pruned perplexity")
+               for c in at.caption)
     for _, shown in table.value.iterrows():
         run = next(r for rid, r in rows.items() if rid.startswith(shown["run_id"]))
         assert shown[f"pruned_{KEY}"] == run[f"pruned_{KEY}"]
