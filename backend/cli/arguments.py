@@ -116,6 +116,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-row", action="store_true", help="magnitude: one threshold per row")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="device of a worker started by this command")
+    parser.add_argument("--executor", choices=("local", "ray"), help="how a worker started by this command runs "
+                        "jobs: local (one at a time, here) or ray (each a Ray task; default $PRUNESCOPE_EXECUTOR, "
+                        "else local)")
+    parser.add_argument("--ray-address", help="with --executor ray: the cluster (auto, HOST:PORT; default a local "
+                        "Ray instance)")
     parser.add_argument("--data-dir", help="folder with local data files (default: $PRUNESCOPE_DATA_DIR)")
 
 

@@ -107,6 +107,15 @@ def add_run_parsers(sub) -> None:
     worker = sub.add_parser("worker", help="run queued jobs (started on demand by run, sweep and the dashboard)")
     worker.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     worker.add_argument("--idle-exit", type=float, default=60.0, help="exit after this many idle seconds")
+    worker.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: one job at a time in this process; ray: each job a Ray task on a cluster")
+    worker.add_argument("--ray-address", help="the Ray cluster: auto, HOST:PORT (default: start a local instance)")
+    worker.add_argument("--cpus-per-job", type=float, default=1.0, help="Ray: CPUs each job reserves (default 1)")
+    worker.add_argument("--gpus-per-job", type=float, default=0.0, help="Ray: GPUs each job reserves, fractions "
+                        "allowed (default 0)")
+    worker.add_argument("--max-retries", type=int, default=1, help="Ray: reruns of a job whose worker died")
+    worker.add_argument("--artifacts", help="Ray: folder every node can reach for the pruned models (default: the "
+                        "store's runs/ folder)")
     cancel = sub.add_parser("cancel", help="cancel a run's queued or running job")
     cancel.add_argument("run", help="run id (or its first characters)")
     for parser in (run, sweep, listing, show, export, report, worker, cancel):

@@ -18,7 +18,7 @@ from backend.runs.artifacts import MODEL_ARTIFACT, intact, problems
 from backend.runs.service import start, submit, submit_many
 from backend.runs.service import wait as wait_for
 from backend.runs.store import ACTIVE, Store, StoreError
-from backend.runs.worker import serve
+from backend.runs.worker import EXECUTOR_ENV, RAY_ADDRESS_ENV, serve
 
 POLL_S = 0.5
 
@@ -55,7 +55,16 @@ def outcome(store: Store, rid: str, cached: bool = False) -> dict:
             "other_code": row["other_code"]}
 
 
+def use_executor(args: argparse.Namespace) -> None:
+    """--executor/--ray-address for the worker this command may start (it reads them from the environment)."""
+    if args.executor:
+        os.environ[EXECUTOR_ENV] = args.executor
+    if args.ray_address:
+        os.environ[RAY_ADDRESS_ENV] = args.ray_address
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
+    use_executor(args)
     spec = spec_from(args, args.method, args.sparsity, args.pattern, args.calibration)
     store = Store(args.store)
     submitted = submit(store, spec, args.data_dir, args.device)
@@ -71,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 
 def cmd_sweep(args: argparse.Namespace) -> dict:
+    use_executor(args)
     specs = [spec_from(args, method, sparsity, pattern, calibration, allocation)
              for method, sparsity, calibration, pattern, allocation in itertools.product(
                  args.methods, args.sparsities, args.calibrations, args.patterns, args.allocations)]
@@ -179,6 +189,11 @@ def cmd_worker(args: argparse.Namespace) -> dict:
     store = Store(args.store)
     root = store.root
     store.close()
+    if args.executor == "ray":
+        from backend.runs.dispatch import Resources, serve_ray
+        resources = Resources(num_cpus=args.cpus_per_job, num_gpus=args.gpus_per_job, max_retries=args.max_retries)
+        return {"jobs": serve_ray(root, address=args.ray_address, device=args.device, idle_exit=args.idle_exit,
+                                  resources=resources, artifacts=args.artifacts)}
     return {"jobs": serve(root, device=args.device, idle_exit=args.idle_exit)}
 
 

@@ -18,7 +18,6 @@ from backend.runs.export import save_pruned
 from backend.runs.progress import (
     Reporter,
     TokenSteps,
-    measured_rates,
     plan_for,
 )
 from backend.runs.spec import RunSpec, dense_key
@@ -66,6 +65,9 @@ def offered_judge_key(store: Store, run_id: str, spec: RunSpec) -> str | None:
     url = spec.evaluation.judge_base_url
     if not spec.evaluation.judge_model or not url or same_endpoint(url, configured_endpoint()):
         return None
+    if store.root is None:
+        raise RuntimeError(f"the judge endpoint {url} needs the key typed with the run, which stays on the machine "
+                           f"that holds the store: run this job on the local executor")
     key = keys.fetch(store.root, run_id)
     if key is None:
         raise RuntimeError(f"the judge endpoint {url} needs the key typed with the run, and no dashboard holds it any "
@@ -104,7 +106,7 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
     key = dense_key(spec, prints)
     params = sum(p.numel() for p in dense.model.parameters())
     plan = plan_for(spec, params, decoder_layers(dense.model), store.dense_result(key) is not None,
-                    measured_rates(store, spec.model, dense.device.type, spec.calibration == "self"))
+                    store.measured_rates(spec.model, dense.device.type, spec.calibration == "self"))
     report.start_plan(plan if job["kind"] == "full" else plan[:3])
     held_out = spec.held_out_records()
     report("calibration", 0, spec.nsamples, message=f"{spec.calibration}: {spec.nsamples} x {spec.seqlen} tokens"

@@ -186,12 +186,43 @@ class Store:
     def save_results(self, run_id: str, prune: dict, layers: list[dict], summary: dict, examples: list[dict]) -> None:
         """The per-layer report, metrics and per-example records of a run, in one transaction."""
         with self.write() as db:
-            self._write_layers(db, run_id, layers)
-            db.execute("DELETE FROM examples WHERE run_id = ?", (run_id,))
-            db.executemany("INSERT INTO examples VALUES (?, ?, ?, ?)",
-                           [(run_id, e["id"], e.get("kind", ""), json.dumps(e)) for e in examples])
-            db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
-                       (run_id, json.dumps(summary), json.dumps(prune), time.time()))
+            self._write_results(db, run_id, prune, layers, summary, examples)
+
+    @classmethod
+    def _write_results(cls, db: sqlite3.Connection, run_id: str, prune: dict, layers: list[dict], summary: dict,
+                       examples: list[dict]) -> None:
+        cls._write_layers(db, run_id, layers)
+        db.execute("DELETE FROM examples WHERE run_id = ?", (run_id,))
+        db.executemany("INSERT INTO examples VALUES (?, ?, ?, ?)",
+                       [(run_id, e["id"], e.get("kind", ""), json.dumps(e)) for e in examples])
+        db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
+                   (run_id, json.dumps(summary), json.dumps(prune), time.time()))
+
+    def record(self, run_id: str, job_id: int, writes: list[tuple]) -> None:
+        """A remote job's writes (backend/runs/remote.py), in the order it made them, in one transaction."""
+        with self.write() as db:
+            for kind, *args in writes:
+                if kind == "timings":
+                    db.execute("UPDATE jobs SET timings = ? WHERE job_id = ?", (json.dumps(args[0]), job_id))
+                elif kind == "dense":
+                    key, model, result = args
+                    db.execute("INSERT OR REPLACE INTO dense_results VALUES (?, ?, ?, ?)",
+                               (key, model, json.dumps(result), time.time()))
+                elif kind == "artifact":
+                    name, path, files = args
+                    db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",
+                               (run_id, name, path, json.dumps(files), time.time()))
+                elif kind == "layers":
+                    self._write_layers(db, run_id, args[0])
+                elif kind == "results":
+                    self._write_results(db, run_id, *args)
+                else:
+                    raise ValueError(f"unknown write {kind!r} from job {job_id}")
+
+    def measured_rates(self, model: str, device_type: str | None, calibration_self: bool) -> dict[str, float]:
+        """Seconds per unit of work of each kind of stage, from the newest finished job of this model and device."""
+        from backend.runs.progress import measured_rates
+        return measured_rates(self, model, device_type, calibration_self)
 
     def save_layers(self, run_id: str, layers: list[dict]) -> None:
         with self.write() as db:

@@ -40,6 +40,18 @@ def stop_worker(root: Path) -> int | None:
     return pid
 
 
+EXECUTOR_ENV, RAY_ADDRESS_ENV = "PRUNESCOPE_EXECUTOR", "PRUNESCOPE_RAY_ADDRESS"
+
+
+def executor_flags() -> list[str]:
+    """The worker flags that pick the executor a started worker uses: PRUNESCOPE_EXECUTOR=ray (and
+    PRUNESCOPE_RAY_ADDRESS) makes it a Ray dispatcher; `run`/`sweep --executor ray` set them."""
+    if os.environ.get(EXECUTOR_ENV, "local") != "ray":
+        return []
+    address = os.environ.get(RAY_ADDRESS_ENV)
+    return ["--executor", "ray", *(["--ray-address", address] if address else [])]
+
+
 def ensure_worker(root: Path, device: str = "auto") -> subprocess.Popen | None:
     """Start a worker for this store as a separate program unless one runs; returns the new process."""
     root = Path(root)
@@ -49,7 +61,8 @@ def ensure_worker(root: Path, device: str = "auto") -> subprocess.Popen | None:
     if path.is_file() and path.stat().st_size > LOG_KEEP_BYTES:
         path.replace(path.with_name(LOG_NAME + ".1"))
     log = open(path, "ab")
-    command = [sys.executable, "-m", "backend", "worker", "--store", str(root), "--device", device]
+    command = [sys.executable, "-m", "backend", "worker", "--store", str(root), "--device", device,
+               *executor_flags()]
     project = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -1,0 +1,114 @@
+"""A job run away from the store (a Ray task on any node): it reads what it needs from a snapshot the dispatcher
+took, streams its progress back, and returns every write for the dispatcher to record in one transaction, so the
+store (one SQLite file on the head) is written by the dispatcher alone."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from backend.runs.progress import measured_rates
+from backend.runs.spec import RunSpec, dense_key
+from backend.runs.store import Store
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a job reads of the store: its row, its spec and fingerprints, the cached dense side of its evaluation
+    (None: to compute), the measured stage rates and the artifact root every node can reach."""
+
+    job: dict
+    spec: dict
+    prints: dict
+    dense_key: str
+    dense: dict | None
+    rates: dict
+    artifacts: str
+
+
+def snapshot(store: Store, job: dict, artifacts: str | None = None) -> Snapshot:
+    """The dispatcher's snapshot of one claimed job."""
+    run_id = job["run_id"]
+    spec, prints = store.spec(run_id), store.fingerprints(run_id)
+    key = dense_key(spec, prints)
+    device_type = (prints.get("provenance") or {}).get("device_type")
+    return Snapshot(dict(job), spec.to_dict(), prints, key, store.dense_result(key),
+                    measured_rates(store, spec.model, device_type, spec.calibration == "self"),
+                    str(artifacts or store.root / "runs"))
+
+
+@dataclass
+class RecordingStore:
+    """The store as a remote job sees it: reads come from the snapshot, progress goes out as it happens, and the
+    writes are kept, in order, for the dispatcher."""
+
+    snap: Snapshot
+    emit: callable
+    writes: list[tuple] = field(default_factory=list)
+    root = None  # no key server here: a judge endpoint that needs a typed key runs on the local executor
+
+    def spec(self, run_id: str) -> RunSpec:
+        return RunSpec.from_dict(self.snap.spec)
+
+    def fingerprints(self, run_id: str) -> dict:
+        return self.snap.prints
+
+    def measured_rates(self, *_args) -> dict:
+        return self.snap.rates
+
+    def dense_result(self, key: str) -> dict | None:
+        return self.snap.dense if key == self.snap.dense_key else None
+
+    def run_folder(self, run_id: str) -> Path:
+        return Path(self.snap.artifacts) / run_id
+
+    def progress(self, job_id: int, *report) -> bool:
+        self.emit(("progress", report))
+        return False  # a cancel is the dispatcher's: it cancels the Ray task
+
+    def save_timings(self, job_id: int, timings: dict) -> None:
+        self.writes.append(("timings", timings))
+
+    def save_dense_result(self, key: str, model: str, result: dict) -> None:
+        self.writes.append(("dense", key, model, result))
+
+    def save_artifact(self, run_id: str, name: str, path: Path, files: dict) -> None:
+        self.writes.append(("artifact", name, str(path), files))
+
+    def save_layers(self, run_id: str, layers: list[dict]) -> None:
+        self.writes.append(("layers", layers))
+
+    def save_results(self, run_id: str, prune: dict, layers: list[dict], summary: dict, examples: list[dict]) -> None:
+        self.writes.append(("results", prune, layers, summary, examples))
+
+
+def run_job(snap: Snapshot, device: str = "auto") -> Iterator[dict]:
+    """Run one job from its snapshot (the body of the Ray task): yields {'progress': (stage, done, total, message,
+    overall, left)} and {'log': line} as the job goes, then {'writes': [...]}; the job's error is raised."""
+    from backend.runs.jobs import ModelCache, execute
+
+    events: queue.Queue = queue.Queue()
+    store = RecordingStore(snap, events.put)
+    failed: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            execute(store, snap.job, ModelCache(device=device, log=lambda m: events.put(("log", m))),
+                    lambda m: events.put(("log", m)))
+        except BaseException as err:  # noqa: BLE001  (raised again below, in the task's own thread)
+            failed.append(err)
+        finally:
+            events.put(("end", None))
+
+    threading.Thread(target=body, daemon=True, name=f"job-{snap.job['job_id']}").start()
+    while True:
+        kind, value = events.get()
+        if kind == "end":
+            break
+        yield {kind: value}
+    if failed:
+        raise failed[0]
+    yield {"writes": store.writes}

@@ -1,0 +1,93 @@
+"""The Ray executor with a real local Ray instance (the dispatcher's own `ray.init`): a sweep of four tiny-model
+runs gives the same metrics as the local executor; progress reaches the store; a task whose worker process is
+killed is retried (or ends interrupted) with the store intact; cancel stops a running task."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from backend.runs.store import Store
+from backend.runs.worker import stop_worker
+from tests.conftest import TINY_EVAL, backend_cli
+
+SWEEP = ("--methods", "wanda", "magnitude", "--sparsities", "0.5", "--calibrations", "demo-prose", "demo",
+         "--nsamples", "4", "--seqlen", "64", *TINY_EVAL)
+# long enough on the tiny model to be caught answering: 48 answers of up to 64 tokens, twice
+LONG = ("--method", "wanda", "--sparsity", "0.4", "--calibration", "demo-prose", "--nsamples", "4", "--seqlen", "64",
+        "--ppl", "demo-prose", "--ppl-seqlen", "64", "--ppl-windows", "2", "--tasks", "demo", "--limit", "48",
+        "--max-new-tokens", "64")
+
+
+@pytest.fixture(scope="module")
+def ray_store(tmp_path_factory, tiny_folder) -> Path:
+    """A store whose worker is a Ray dispatcher with its own local Ray instance, holding the sweep's four runs."""
+    root = tmp_path_factory.mktemp("ray-store")
+    backend_cli(root, "sweep", "--model", str(tiny_folder), *SWEEP, "--executor", "ray")
+    yield root
+    stop_worker(root)
+
+
+def task_processes() -> list[psutil.Process]:
+    """The Ray worker processes running a PruneScope job (Ray titles them after the task)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any("ray::run_job" in part for part in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def wait_for(predicate, timeout: float = 240.0, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("timed out")
+
+
+def test_a_sweep_through_ray_gives_the_local_executors_metrics(ray_store, filled_store):
+    ours = {r["run_id"]: r for r in Store(ray_store).runs()}
+    local = {r["run_id"]: r for r in Store(filled_store).runs()}
+    assert len(ours) == 4 and set(ours) == set(local)  # one experiment, one id, whichever executor ran it
+    for rid, row in ours.items():
+        assert row["state"] == "done", row["message"]
+        for metric in ("overall_sparsity", "pruned_ppl", "dense_ppl", "jsd", "flip_rate", "pruned_f1", "dense_f1"):
+            assert row[metric] == pytest.approx(local[rid][metric], rel=1e-6, abs=1e-9), (rid, metric)
+        job = Store(ray_store).latest_job(rid)
+        assert job["timings"] and job["stage"] == "divergence on answers" and job["done"] == job["total"]
+    store = Store(ray_store)
+    assert all(store.artifact(rid, "model") for rid in ours)
+    assert len(store.db.execute("SELECT * FROM dense_results").fetchall()) == 1  # the dense side once
+
+
+def test_a_killed_task_is_retried_and_the_store_stays_intact(ray_store, tiny_folder):
+    submitted = backend_cli(ray_store, "run", "--model", str(tiny_folder), *LONG, "--executor", "ray", "--detach")
+    store = Store(ray_store)
+    wait_for(lambda: (store.latest_job(submitted["run_id"]) or {}).get("stage", "").startswith("answers"))
+    victims = wait_for(task_processes)
+    for process in victims:
+        process.kill()
+    row = wait_for(lambda: next((r for r in Store(ray_store).runs() if r["run_id"] == submitted["run_id"]
+                                 and r["state"] not in ("queued", "running")), None), timeout=400)
+    assert row["state"] in ("done", "interrupted"), row["message"]
+    assert Store(ray_store).integrity() == "ok"
+    if row["state"] == "interrupted":
+        again = backend_cli(ray_store, "run", "--model", str(tiny_folder), *LONG, "--executor", "ray")
+        assert again["state"] == "done"
+
+
+def test_cancel_stops_a_running_task(ray_store, tiny_folder):
+    submitted = backend_cli(ray_store, "run", "--model", str(tiny_folder), *LONG, "--seed", "1", "--executor", "ray",
+                            "--detach")
+    store = Store(ray_store)
+    wait_for(lambda: (store.latest_job(submitted["run_id"]) or {}).get("stage", "").startswith("answers"))
+    backend_cli(ray_store, "cancel", submitted["run_id"])
+    row = wait_for(lambda: next((r for r in Store(ray_store).runs() if r["run_id"] == submitted["run_id"]
+                                 and r["state"] not in ("queued", "running")), None), timeout=120)
+    assert row["state"] == "cancelled"
+    assert not task_processes() or wait_for(lambda: not task_processes(), timeout=30)
