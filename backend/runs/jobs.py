@@ -18,6 +18,7 @@ from backend.runs.export import save_pruned
 from backend.runs.progress import (
     Reporter,
     TokenSteps,
+    measured_rates,
     plan_for,
 )
 from backend.runs.spec import RunSpec, dense_key
@@ -95,8 +96,9 @@ def decoder_layers(model: torch.nn.Module) -> int:
     return int(getattr(config, "num_hidden_layers", 0) or 1)
 
 
-def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -> None:
-    """Run a queued job to the end; raises Cancelled or the error that stopped it."""
+def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log, rates: dict | None = None) -> None:
+    """Run a queued job to the end; raises Cancelled or the error that stopped it. `rates`: the stage rates that
+    estimate its time left (default: measured on the store's last job of this model and device)."""
     run_id, report = job["run_id"], Reporter(store, job["job_id"])
     spec, prints = store.spec(run_id), store.fingerprints(run_id)
     data_dir = job.get("data_dir")
@@ -106,7 +108,8 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log) -
     key = dense_key(spec, prints)
     params = sum(p.numel() for p in dense.model.parameters())
     plan = plan_for(spec, params, decoder_layers(dense.model), store.dense_result(key) is not None,
-                    store.measured_rates(spec.model, dense.device.type, spec.calibration == "self"))
+                    measured_rates(store, spec.model, dense.device.type, spec.calibration == "self")
+                    if rates is None else rates)
     report.start_plan(plan if job["kind"] == "full" else plan[:3])
     held_out = spec.held_out_records()
     report("calibration", 0, spec.nsamples, message=f"{spec.calibration}: {spec.nsamples} x {spec.seqlen} tokens"

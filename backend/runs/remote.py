@@ -56,9 +56,6 @@ class RecordingStore:
     def fingerprints(self, run_id: str) -> dict:
         return self.snap.prints
 
-    def measured_rates(self, *_args) -> dict:
-        return self.snap.rates
-
     def dense_result(self, key: str) -> dict | None:
         return self.snap.dense if key == self.snap.dense_key else None
 
@@ -97,7 +94,7 @@ def run_job(snap: Snapshot, device: str = "auto") -> Iterator[dict]:
     def body() -> None:
         try:
             execute(store, snap.job, ModelCache(device=device, log=lambda m: events.put(("log", m))),
-                    lambda m: events.put(("log", m)))
+                    lambda m: events.put(("log", m)), rates=snap.rates)
         except BaseException as err:  # noqa: BLE001  (raised again below, in the task's own thread)
             failed.append(err)
         finally:

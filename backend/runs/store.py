@@ -219,11 +219,6 @@ class Store:
                 else:
                     raise ValueError(f"unknown write {kind!r} from job {job_id}")
 
-    def measured_rates(self, model: str, device_type: str | None, calibration_self: bool) -> dict[str, float]:
-        """Seconds per unit of work of each kind of stage, from the newest finished job of this model and device."""
-        from backend.runs.progress import measured_rates
-        return measured_rates(self, model, device_type, calibration_self)
-
     def save_layers(self, run_id: str, layers: list[dict]) -> None:
         with self.write() as db:
             self._write_layers(db, run_id, layers)
