@@ -4,7 +4,6 @@ killed is retried (or ends interrupted) with the store intact; cancel stops a ru
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import psutil
@@ -12,6 +11,7 @@ import pytest
 
 from backend.runs.store import Store
 from backend.runs.worker import stop_worker
+from tests.backend.runs.test_worker import wait_for
 from tests.conftest import TINY_EVAL, backend_cli
 
 SWEEP = ("--methods", "wanda", "magnitude", "--sparsities", "0.5", "--calibrations", "demo-prose", "demo",
@@ -40,16 +40,6 @@ def task_processes() -> list[psutil.Process]:
     return found
 
 
-def wait_for(predicate, timeout: float = 240.0, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("timed out")
-
-
 def test_a_sweep_through_ray_gives_the_local_executors_metrics(ray_store, filled_store):
     ours = {r["run_id"]: r for r in Store(ray_store).runs()}
     local = {r["run_id"]: r for r in Store(filled_store).runs()}
@@ -68,12 +58,13 @@ def test_a_sweep_through_ray_gives_the_local_executors_metrics(ray_store, filled
 def test_a_killed_task_is_retried_and_the_store_stays_intact(ray_store, tiny_folder):
     submitted = backend_cli(ray_store, "run", "--model", str(tiny_folder), *LONG, "--executor", "ray", "--detach")
     store = Store(ray_store)
-    wait_for(lambda: (store.latest_job(submitted["run_id"]) or {}).get("stage", "").startswith("answers"))
-    victims = wait_for(task_processes)
+    wait_for(lambda: (store.latest_job(submitted["run_id"]) or {}).get("stage", "").startswith("answers"),
+             timeout=240, step=0.2)
+    victims = wait_for(task_processes, timeout=60, step=0.2)
     for process in victims:
         process.kill()
     row = wait_for(lambda: next((r for r in Store(ray_store).runs() if r["run_id"] == submitted["run_id"]
-                                 and r["state"] not in ("queued", "running")), None), timeout=400)
+                                 and r["state"] not in ("queued", "running")), None), timeout=400, step=0.2)
     assert row["state"] in ("done", "interrupted"), row["message"]
     assert Store(ray_store).integrity() == "ok"
     if row["state"] == "interrupted":
@@ -85,9 +76,10 @@ def test_cancel_stops_a_running_task(ray_store, tiny_folder):
     submitted = backend_cli(ray_store, "run", "--model", str(tiny_folder), *LONG, "--seed", "1", "--executor", "ray",
                             "--detach")
     store = Store(ray_store)
-    wait_for(lambda: (store.latest_job(submitted["run_id"]) or {}).get("stage", "").startswith("answers"))
+    wait_for(lambda: (store.latest_job(submitted["run_id"]) or {}).get("stage", "").startswith("answers"),
+             timeout=240, step=0.2)
     backend_cli(ray_store, "cancel", submitted["run_id"])
     row = wait_for(lambda: next((r for r in Store(ray_store).runs() if r["run_id"] == submitted["run_id"]
-                                 and r["state"] not in ("queued", "running")), None), timeout=120)
+                                 and r["state"] not in ("queued", "running")), None), timeout=120, step=0.2)
     assert row["state"] == "cancelled"
-    assert not task_processes() or wait_for(lambda: not task_processes(), timeout=30)
+    assert not task_processes() or wait_for(lambda: not task_processes(), timeout=30, step=0.2)
