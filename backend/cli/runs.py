@@ -191,6 +191,11 @@ def cmd_worker(args: argparse.Namespace) -> dict:
     store.close()
     if args.executor == "ray":
         from backend.runs.dispatch import Resources, serve_ray
+        for flag, value, least in (("--cpus-per-job", args.cpus_per_job, "above 0"),
+                                   ("--gpus-per-job", args.gpus_per_job, "of at least 0"),
+                                   ("--max-retries", args.max_retries, "of at least 0")):
+            if value < 0 or (value == 0 and least == "above 0"):
+                raise ValueError(f"{flag} {value:g} is not allowed: use a number {least}")
         resources = Resources(num_cpus=args.cpus_per_job, num_gpus=args.gpus_per_job, max_retries=args.max_retries)
         return {"jobs": serve_ray(root, address=args.ray_address, device=args.device, idle_exit=args.idle_exit,
                                   resources=resources, artifacts=args.artifacts)}

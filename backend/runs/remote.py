@@ -8,7 +8,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from backend.runs.progress import measured_rates
 from backend.runs.spec import RunSpec, dense_key
@@ -46,7 +46,7 @@ class RecordingStore:
     writes are kept, in order, for the dispatcher."""
 
     snap: Snapshot
-    emit: callable
+    emit: Callable[[tuple], None]
     writes: list[tuple] = field(default_factory=list)
     root = None  # no key server here: a judge endpoint that needs a typed key runs on the local executor
 

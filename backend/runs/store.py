@@ -134,8 +134,7 @@ class Store:
 
     def save_timings(self, job_id: int, timings: dict) -> None:
         """Each finished stage's measured seconds and work, which estimate later jobs' stages."""
-        with self.write() as db:
-            db.execute("UPDATE jobs SET timings = ? WHERE job_id = ?", (json.dumps(timings), job_id))
+        self.record(None, job_id, [("timings", timings)])
 
     def finish(self, job_id: int, state: str, message: str | None = None, worker_pid: int | None = None) -> bool:
         """End a job that is still running under `worker_pid`; False (and nothing written) when it is not, so a
@@ -185,21 +184,14 @@ class Store:
 
     def save_results(self, run_id: str, prune: dict, layers: list[dict], summary: dict, examples: list[dict]) -> None:
         """The per-layer report, metrics and per-example records of a run, in one transaction."""
-        with self.write() as db:
-            self._write_results(db, run_id, prune, layers, summary, examples)
+        self.record(run_id, None, [("results", prune, layers, summary, examples)])
 
-    @classmethod
-    def _write_results(cls, db: sqlite3.Connection, run_id: str, prune: dict, layers: list[dict], summary: dict,
-                       examples: list[dict]) -> None:
-        cls._write_layers(db, run_id, layers)
-        db.execute("DELETE FROM examples WHERE run_id = ?", (run_id,))
-        db.executemany("INSERT INTO examples VALUES (?, ?, ?, ?)",
-                       [(run_id, e["id"], e.get("kind", ""), json.dumps(e)) for e in examples])
-        db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
-                   (run_id, json.dumps(summary), json.dumps(prune), time.time()))
+    def save_layers(self, run_id: str, layers: list[dict]) -> None:
+        self.record(run_id, None, [("layers", layers)])
 
-    def record(self, run_id: str, job_id: int, writes: list[tuple]) -> None:
-        """A remote job's writes (backend/runs/remote.py), in the order it made them, in one transaction."""
+    def record(self, run_id: str | None, job_id: int | None, writes: list[tuple]) -> None:
+        """Writes of a run or job, in their order, in one transaction: what the save_* methods write one at a time,
+        and a remote job's whole result (backend/runs/remote.py records them as these same tuples)."""
         with self.write() as db:
             for kind, *args in writes:
                 if kind == "timings":
@@ -211,17 +203,19 @@ class Store:
                 elif kind == "artifact":
                     name, path, files = args
                     db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",
-                               (run_id, name, path, json.dumps(files), time.time()))
+                               (run_id, name, str(path), json.dumps(files), time.time()))
                 elif kind == "layers":
                     self._write_layers(db, run_id, args[0])
                 elif kind == "results":
-                    self._write_results(db, run_id, *args)
+                    prune, layers, summary, examples = args
+                    self._write_layers(db, run_id, layers)
+                    db.execute("DELETE FROM examples WHERE run_id = ?", (run_id,))
+                    db.executemany("INSERT INTO examples VALUES (?, ?, ?, ?)",
+                                   [(run_id, e["id"], e.get("kind", ""), json.dumps(e)) for e in examples])
+                    db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
+                               (run_id, json.dumps(summary), json.dumps(prune), time.time()))
                 else:
-                    raise ValueError(f"unknown write {kind!r} from job {job_id}")
-
-    def save_layers(self, run_id: str, layers: list[dict]) -> None:
-        with self.write() as db:
-            self._write_layers(db, run_id, layers)
+                    raise ValueError(f"unknown write {kind!r} for run {run_id} (job {job_id})")
 
     @staticmethod
     def _write_layers(db: sqlite3.Connection, run_id: str, layers: list[dict]) -> None:
@@ -232,9 +226,7 @@ class Store:
                          r["shape"][0], r["shape"][1], r["tokens"], r.get("target")) for r in layers])
 
     def save_artifact(self, run_id: str, name: str, path: Path, files: dict[str, dict]) -> None:
-        with self.write() as db:
-            db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",
-                       (run_id, name, str(path), json.dumps(files), time.time()))
+        self.record(run_id, None, [("artifact", name, str(path), files)])
 
     def artifact(self, run_id: str, name: str) -> dict | None:
         row = self.db.execute("SELECT * FROM artifacts WHERE run_id = ? AND name = ?", (run_id, name)).fetchone()
@@ -245,9 +237,7 @@ class Store:
         return json.loads(row["result"]) if row else None
 
     def save_dense_result(self, key: str, model: str, result: dict) -> None:
-        with self.write() as db:
-            db.execute("INSERT OR REPLACE INTO dense_results VALUES (?, ?, ?, ?)",
-                       (key, model, json.dumps(result), time.time()))
+        self.record(None, None, [("dense", key, model, result)])
 
     # reading
 

@@ -12,7 +12,7 @@ import pytest
 from backend.runs.store import Store
 from backend.runs.worker import stop_worker
 from tests.backend.runs.test_worker import wait_for
-from tests.conftest import TINY_EVAL, backend_cli
+from tests.conftest import TINY_EVAL, backend_cli, error_line, run_cli
 
 SWEEP = ("--methods", "wanda", "magnitude", "--sparsities", "0.5", "--calibrations", "demo-prose", "demo",
          "--nsamples", "4", "--seqlen", "64", *TINY_EVAL)
@@ -83,3 +83,12 @@ def test_cancel_stops_a_running_task(ray_store, tiny_folder):
                                  and r["state"] not in ("queued", "running")), None), timeout=120, step=0.2)
     assert row["state"] == "cancelled"
     assert not task_processes() or wait_for(lambda: not task_processes(), timeout=30, step=0.2)
+
+
+@pytest.mark.parametrize("flag, value, said", [("--cpus-per-job", "0", "--cpus-per-job 0 is not allowed: use a number "
+                                                                       "above 0"),
+                                               ("--gpus-per-job", "-1", "--gpus-per-job -1 is not allowed"),
+                                               ("--max-retries", "-2", "--max-retries -2 is not allowed")])
+def test_bad_ray_resources_are_refused_in_one_line(flag, value, said, tmp_path, capsys):
+    code, _, err = run_cli(["worker", "--executor", "ray", flag, value, "--store", str(tmp_path)], capsys)
+    assert code == 2 and said in error_line(err)
