@@ -16,9 +16,8 @@ In both orders, later layers see the errors of earlier ones.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, replace
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -39,8 +38,10 @@ from compression.report import (
     Progress,
     ProgressFn,
     PruneReport,
+    peak_device_mb,
     peak_rss_mb,
 )
+from compression.residency import Resident, move, residency
 from compression.scope import LayerScope, check_scope, layer_scope
 from compression.targets import Targets, matches, owl_sparsities
 from compression.timing import Stopwatch
@@ -146,10 +147,10 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
     targets.check(method.sparsity, method.pattern.structured)
     if calibration.dim() != 2 or calibration.numel() == 0:
         raise ValueError(f"calibration must be a non-empty [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}")
-    home = next(model.parameters()).device
-    device = device or home
-    dtype = next(model.parameters()).dtype
     prefix, layers = decoder_layers(model)
+    where = residency(model, layers, device or next(model.parameters()).device, offload)
+    device = where.input_device(model)
+    dtype = next(model.parameters()).dtype
     scopes = [layer_scope(layer, targets.include, targets.exclude, f"{prefix}.{i}") for i, layer in enumerate(layers)]
     check_scope(prefix, scopes, method.pattern)
     goals = explicit_goals(prefix, scopes, targets, method.sparsity)
@@ -161,8 +162,6 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
         check_sequential_fits(model, nsamples, seqlen, device, dtype)
     report = PruneReport(method.name, method.sparsity, str(method.pattern), order, nsamples, seqlen, batch_size,
                          error_tokens)
-    report.kept = [{**asdict(k), "name": f"{prefix}.{i}.{k.name}", "layer": i, "module": k.name}
-                   for i, s in enumerate(scopes) for k in s.kept]
     numels = [{n: w.numel() for n, w in s.targets.items()} for s in scopes]
     sizes = [sum(n.values()) for n in numels]
     del scopes
@@ -171,17 +170,15 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
     batches = list(calibration.split(batch_size))
     batch_rows = split_rows(error_rows(nsamples * seqlen, error_tokens), [b.numel() for b in batches])
 
-    with torch.no_grad(), on_device(model, layers, device, offload):
+    with torch.no_grad(), where.active():
         with clock("capture"):
-            if offload:
-                layers[0].to(device)  # the capture calls layer 0 once for real, to learn its output's container
+            where.enter(layers[0])  # the capture calls layer 0 once for real, to learn its output's container
             inputs = capture_layer_inputs(model, layers, batches, device)
-            if offload:
-                layers[0].to(home)
+            where.leave(layers[0])
         ratios: list[float] = []
         if targets.allocation == "owl":
             with clock("allocation pass"):
-                ratios = outlier_ratios(layers, prefix, inputs, targets, device, offload, notify)
+                ratios = outlier_ratios(layers, prefix, inputs, targets, where, notify)
             owl = owl_sparsities(ratios, sizes, method.sparsity, targets.owl_lambda)
             goals = [{name: owl[i] for name in layer_goals} for i, layer_goals in enumerate(goals)]
         report.allocation = {**targets.to_dict(), "outlier_ratios": ratios,
@@ -190,29 +187,35 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
         hidden = inputs.hidden
         for index, layer in enumerate(layers):
             started = time.perf_counter()
-            if offload:
-                layer.to(device)
+            at = where.enter(layer)
             scope = layer_scope(layer, targets.include, targets.exclude, f"{prefix}.{index}")
-            args, kwargs = inputs.args[index], inputs.kwargs[index]
+            report.kept += [{**asdict(k), "name": f"{prefix}.{index}.{k.name}", "layer": index, "module": k.name}
+                            for k in scope.kept]
+            hidden = move(hidden, at)
+            args, kwargs = move(inputs.args[index], at), move(inputs.kwargs[index], at)
             groups = input_groups(layer, scope.linears, hidden[0], args[0], kwargs[0])
-            run = LayerRun(index, layer, scope, method, device, report, clock, notify, len(layers), prefix, groups,
+            run = LayerRun(index, layer, scope, method, at, report, clock, notify, len(layers), prefix, groups,
                            goals[index])
             hidden = run.execute(hidden, args, kwargs, batch_rows, order)
             done = {r.module for r in report.layers if r.layer == index}
             if done != set(scope.targets):
                 raise RuntimeError(f"decoder layer {index}: {sorted(set(scope.targets) - done)[:5]} were never pruned")
             inputs.args[index] = inputs.kwargs[index] = None
-            if offload:
-                layer.to(home)
+            where.leave(layer)
             notify(Progress("layer", index + 1, len(layers), seconds=time.perf_counter() - started))
         with clock("check"):
-            report.check = check_against_model(model, layers, calibration[:1], hidden[0][:1], device, offload)
-    report.model_parameters = sum(p.numel() for p in model.parameters())
-    report.model_sparsity = sum(int((p == 0).sum()) for p in model.parameters()) / max(report.model_parameters, 1)
+            report.check = check_against_model(model, layers, calibration[:1], hidden[0][:1], where)
+        report.model_parameters = sum(p.numel() for p in model.parameters())
+        report.model_sparsity = sum(map(zeros, where.tensors(model))) / max(report.model_parameters, 1)
+    report.residency = where.mode
     report.peak_rss_mb = peak_rss_mb()
-    if device.type == "cuda":
-        report.peak_device_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    report.peak_device_mb = peak_device_mb()
     return report
+
+
+def zeros(t: torch.Tensor, chunk: int = 1 << 22) -> int:
+    """The zeros of a tensor, counted a slice at a time (no mask as large as an embedding matrix)."""
+    return sum(int(torch.count_nonzero(part == 0)) for part in t.reshape(-1).split(chunk))
 
 
 def explicit_goals(prefix: str, scopes: list[LayerScope], targets: Targets, sparsity: float) -> list[dict[str, float]]:
@@ -243,60 +246,52 @@ def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
     return sum(int(torch.count_nonzero(x > m * mean)) for x in scores) / count
 
 
-def outlier_ratios(layers: nn.ModuleList, prefix: str, inputs, targets: Targets, device: torch.device, offload: bool,
+def outlier_ratios(layers: nn.ModuleList, prefix: str, inputs, targets: Targets, where: Resident,
                    notify: ProgressFn) -> list[float]:
     """One pass of the calibration through the dense layers (OWL's allocation needs every layer's ratio before the
     first is pruned): per layer, Wanda's scores |W_ij| * ||X_j||_2 of every matrix in scope, experts included."""
     from compression.methods.wanda import Wanda
 
     scratch = PruneReport("owl", 0.0, "unstructured", "reference", 0, 0, 0, 0)
-    hidden, ratios, home = inputs.hidden, [], next(layers.parameters()).device
+    hidden, ratios = inputs.hidden, []
     for index, layer in enumerate(layers):
-        if offload:
-            layer.to(device)
+        at = where.enter(layer)
         scope = layer_scope(layer, targets.include, targets.exclude, f"{prefix}.{index}")
-        args, kwargs = inputs.args[index], inputs.kwargs[index]
+        hidden = move(hidden, at)
+        args, kwargs = move(inputs.args[index], at), move(inputs.kwargs[index], at)
         groups = input_groups(layer, scope.linears, hidden[0], args[0], kwargs[0])
-        run = LayerRun(index, layer, scope, Wanda(), device, scratch, Stopwatch(scratch.stages), notify, len(layers),
+        run = LayerRun(index, layer, scope, Wanda(), at, scratch, Stopwatch(scratch.stages), notify, len(layers),
                        prefix, groups, {})
         run.batches, run.rows = len(hidden), [torch.empty(0, dtype=torch.long)] * len(hidden)
         hidden = run.forward(hidden, args, kwargs, hooks=True, sequential=False)
         ratios.append(outlier_ratio([w.abs().float() * s.stats.sq.sqrt().to(w.device)
                                      for s in run.all_states for w in s.weights], targets.owl_m))
-        if offload:
-            layer.to(home)
+        where.leave(layer)
         notify(Progress("allocation", index + 1, len(layers), "(OWL allocation pass)"))
     return ratios
 
 
 def check_against_model(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, propagated: torch.Tensor,
-                        device: torch.device, offload: bool) -> dict:
+                        where: Resident) -> dict:
     """The layer-by-layer pass must end where the pruned model's own forward ends: any layer given the wrong
-    arguments, or a weight changed after its outputs were propagated, shows here, and the run fails loudly."""
+    arguments, or a weight changed after its outputs were propagated (or not written back where the model loads it
+    from), shows here, and the run fails loudly."""
     seen: list[torch.Tensor] = []
 
     def last(_m, _args, out):
         seen.append(out[0] if isinstance(out, (tuple, list)) else out)
         raise StopForward
 
-    def onload(m, _args):
-        m.to(device)
-
-    def offload_again(m, _args, _out, home=next(layers.parameters()).device):
-        m.to(home)
-
-    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(onload),
-                                               layer.register_forward_hook(offload_again))] if offload else []
-    handles.append(layers[-1].register_forward_hook(last))
+    handle = layers[-1].register_forward_hook(last)
     try:
-        model(input_ids=ids.to(device), use_cache=False)
+        with where.around_model(layers):
+            model(input_ids=ids.to(where.input_device(model)), use_cache=False)
     except StopForward:
         pass
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     own = seen[0].float()
-    diff = float((own - propagated.float()).norm() / own.norm().clamp_min(1e-30))
+    diff = float((own - propagated.float().to(own.device)).norm() / own.norm().clamp_min(1e-30))
     tolerance = 1e-3 if propagated.dtype == torch.float32 else 5e-2
     if not diff <= tolerance:
         raise RuntimeError(f"the layer-by-layer pass does not reproduce the pruned model's own forward (relative "
@@ -318,27 +313,6 @@ def split_rows(rows: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
         out.append(local)
         start += size
     return out
-
-
-@contextmanager
-def on_device(model: nn.Module, layers: nn.ModuleList, device: torch.device, offload: bool) -> Iterator[None]:
-    """Without offload the model must already be on `device`; with it, everything but the decoder layers moves
-    there for the duration (embeddings, rotary tables, final norm), and moves back afterwards."""
-    home = next(model.parameters()).device
-    if not offload:
-        if home != device:
-            raise ValueError(f"model is on {home} but pruning was asked on {device}: move it or use offload")
-        yield
-        return
-    keep = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
-    moved = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in keep]
-    for t in moved:
-        t.data = t.data.to(device)
-    try:
-        yield
-    finally:
-        for t in moved:
-            t.data = t.data.to(home)
 
 
 class LayerRun:

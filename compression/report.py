@@ -7,6 +7,8 @@ import resource
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import torch
+
 
 @dataclass
 class MatrixReport:
@@ -41,6 +43,7 @@ class PruneReport:
     stages: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     peak_device_mb: float | None = None
+    residency: str = "resident"
     model_sparsity: float = float("nan")
     model_parameters: int = 0
     check: dict = field(default_factory=dict)
@@ -83,3 +86,10 @@ ProgressFn = Callable[[Progress], None]
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_device_mb() -> float | None:
+    """The most memory torch held at once on any accelerator in this process (None without one)."""
+    if not torch.cuda.is_available():
+        return None
+    return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2 ** 20

@@ -57,7 +57,8 @@ class LayerScope:
 
 
 def _kept(name: str, w: torch.Tensor, reason: str) -> Kept:
-    return Kept(name, tuple(w.shape), w.numel(), int((w == 0).sum()), reason)
+    """A matrix kept dense; its zeros are -1 while its weights are not loaded (an offloaded layer's, on meta)."""
+    return Kept(name, tuple(w.shape), w.numel(), -1 if w.is_meta else int((w == 0).sum()), reason)
 
 
 def layer_scope(layer: nn.Module, include: tuple[str, ...] | list[str] | None = None,

@@ -86,10 +86,10 @@ TINY = {
 }
 
 
-def tiny_model(arch: str = "llama", vocab: int = 512, seed: int = 0) -> torch.nn.Module:
-    """A small random-init causal LM of a real transformers architecture."""
+def tiny_model(arch: str = "llama", vocab: int = 512, seed: int = 0, layers: int | None = None) -> torch.nn.Module:
+    """A small random-init causal LM of a real transformers architecture (`layers` decoder layers if given)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    options = dict(TINY[arch])
+    options = dict(TINY[arch], **({"num_hidden_layers": layers} if layers else {}))
     config = AutoConfig.for_model(options.pop("model_type"), vocab_size=vocab, **options)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

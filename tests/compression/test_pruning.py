@@ -324,6 +324,7 @@ def test_the_final_check_catches_layers_replayed_with_layer_zero_arguments():
     (the old capture) is caught by the comparison with the model's own forward."""
     from compression.driver import check_against_model
     from compression.layers import call_layer, capture_layer_inputs
+    from compression.residency import Resident
     model = tiny_model("gemma3")
     windows = random_windows(2)
     _, layers = decoder_layers(model)
@@ -333,9 +334,9 @@ def test_the_final_check_catches_layers_replayed_with_layer_zero_arguments():
         for i, layer in enumerate(layers):
             hidden = call_layer(layer, hidden, inputs.args[i][0], inputs.kwargs[i][0])
             replayed = call_layer(layer, replayed, inputs.args[0][0], inputs.kwargs[0][0])
-        assert check_against_model(model, layers, windows, hidden, torch.device("cpu"), False)["relative_difference"] < 1e-5
+        assert check_against_model(model, layers, windows, hidden, Resident(model, torch.device("cpu")))["relative_difference"] < 1e-5
         with pytest.raises(RuntimeError, match="does not reproduce the pruned model's own forward"):
-            check_against_model(model, layers, windows, replayed, torch.device("cpu"), False)
+            check_against_model(model, layers, windows, replayed, Resident(model, torch.device("cpu")))
 
 
 def test_nm_width_checked_before_any_work_with_the_matrix_named():
