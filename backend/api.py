@@ -62,11 +62,14 @@ def prune(model: str = DEFAULT_MODEL, method: str = "wanda", sparsity: float = 0
           calibration: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, template: str = "alpaca",
           order: str = "sequential", per_row: bool = False, targets: Targets | None = None, ria_a: float = 0.5,
           batch_size: int | None = None, error_tokens: int = 256, data_dir: str | None = None, device: str = "auto",
-          dtype: str = "auto", offload: bool = False, trust_remote_code: bool = False, progress: Callable | None = None,
-          log: Log = stderr_log) -> Pruned:
+          dtype: str = "auto", offload: bool = False, device_map: str | None = None, max_memory: str | None = None,
+          trust_remote_code: bool = False, progress: Callable | None = None, log: Log = stderr_log) -> Pruned:
     """Load `model`, build its calibration windows and prune it layer by layer; every argument is checked, with a
     message naming the bad value, before the model is loaded. `targets` chooses the matrices (include/exclude on
-    full names) and spreads the sparsity (uniform, OWL, explicit per layer); `ria_a` is RIA's exponent."""
+    full names) and spreads the sparsity (uniform, OWL, explicit per layer); `ria_a` is RIA's exponent. Where the
+    weights live is the memory estimate's choice unless `offload` (layers visit the device one at a time) or
+    `device_map="auto"` (accelerate's placement, capped per device by `max_memory`, e.g. "cuda:0=20GiB,cpu=64GiB")
+    asks."""
     from backend.sources import models
     from backend.sources.calibration import build_calibration, open_source
     from compression.driver import prune_model
@@ -89,18 +92,21 @@ def prune(model: str = DEFAULT_MODEL, method: str = "wanda", sparsity: float = 0
     if template not in CALIBRATION_TEMPLATES:
         raise ValueError(f"template {template!r} is not allowed for calibration: use "
                          f"{' or '.join(CALIBRATION_TEMPLATES)}")
+    placement = placement_of(offload, device_map, max_memory)
+    limits = models.parse_max_memory(max_memory)
     stages: dict[str, float] = {}
     source = open_source(calibration, data_dir)
     started = time.perf_counter()
     compute = models.pick_device(device)
-    lm = models.load(model, "cpu" if offload else device, models.pick_dtype(dtype, compute), trust_remote_code,
-                     log=log)
+    lm = models.load(model, device, models.pick_dtype(dtype, compute), trust_remote_code, log=log,
+                     placement=placement, max_memory=limits)
     stages["load"] = time.perf_counter() - started
     started = time.perf_counter()
     windows = build_calibration(source, lm.model, lm.tokenizer, nsamples, seqlen, seed, template)
     stages["calibration"] = time.perf_counter() - started
     report = prune_model(lm.model, windows, engine, order=order, targets=targets, batch_size=batch_size,
-                         error_tokens=error_tokens, device=compute, offload=offload, progress=progress)
+                         error_tokens=error_tokens, device=compute, offload=lm.placement.mode == "offload",
+                         progress=progress)
     if not report.layers:
         raise ValueError(f"no weight matrix matched include {list(targets.include)} exclude {list(targets.exclude)}")
     stages.update(report.stages)
@@ -108,10 +114,22 @@ def prune(model: str = DEFAULT_MODEL, method: str = "wanda", sparsity: float = 0
             "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "template": template,
             "order": order, "per_row": per_row, "targets": targets.to_dict(),
             **({"ria_a": ria_a} if method == "ria" else {}),
-            "dtype": str(lm.dtype).removeprefix("torch."), "device": str(compute), "offload": offload,
+            "dtype": str(lm.dtype).removeprefix("torch."), "device": str(compute),
+            "offload": lm.placement.mode == "offload", "placement": lm.placement.to_dict(),
             "provenance": {"device_type": compute.type, "dtype": str(lm.dtype).removeprefix("torch."),
                            "code": code_version(), **library_versions()}}
     return Pruned(lm, report, spec, stages)
+
+
+def placement_of(offload: bool, device_map: str | None, max_memory: str | None) -> str:
+    """The placement asked for by prune's flags (auto when none is given)."""
+    if device_map not in (None, "auto"):
+        raise ValueError(f"device_map {device_map!r} is not allowed: use auto (accelerate's placement) or leave it out")
+    if offload and (device_map or max_memory):
+        raise ValueError("offload and device_map/max_memory are two ways to place the model: choose one")
+    if max_memory and not device_map:
+        raise ValueError("max_memory caps accelerate's placement: give it with device_map='auto' (--device-map auto)")
+    return "offload" if offload else "device-map" if device_map else "auto"
 
 
 def evaluate(dense, pruned, settings: EvalSettings | None = None, *, data_dir: str | None = None,

@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--error-tokens", type=int, default=256, help="calibration tokens sampled to measure each "
                                                                      "matrix's reconstruction error (default 256)")
     prune.add_argument("--offload", action="store_true", help="keep the model on the CPU and move one layer at a "
-                                                              "time to --device")
+                                                              "time to --device (default: the memory estimate "
+                                                              "chooses; it says which and why)")
+    prune.add_argument("--device-map", help="auto: accelerate places the layers (GPUs, then CPU memory, then disk) "
+                                            "and each is pruned where it lies")
+    prune.add_argument("--max-memory", help="with --device-map auto: a cap per device, e.g. cuda:0=20GiB,cpu=64GiB")
     prune.add_argument("--save", required=True, help="folder to write the pruned Hugging Face model into (new or "
                                                      "empty; see --overwrite)")
     prune.add_argument("--overwrite", action="store_true", help="replace a folder PruneScope saved before (any other "
@@ -113,9 +117,11 @@ def add_run_parsers(sub) -> None:
     worker.add_argument("--cpus-per-job", type=float, default=1.0, help="Ray: CPUs each job reserves (default 1)")
     worker.add_argument("--gpus-per-job", type=float, default=0.0, help="Ray: GPUs each job reserves, fractions "
                         "allowed (default 0)")
+    worker.add_argument("--memory-per-job", help="Ray: memory each job reserves, e.g. 32GiB (Ray then places no more "
+                                                 "jobs on a node than its memory holds; default: none reserved)")
     worker.add_argument("--max-retries", type=int, default=1, help="Ray: reruns of a job whose worker died")
-    worker.add_argument("--artifacts", help="Ray: folder every node can reach for the pruned models (default: the "
-                        "store's runs/ folder)")
+    worker.add_argument("--artifacts", help="Ray: where the pruned models go, a folder every node can reach or an "
+                        "fsspec URL such as s3://bucket/prefix (default: the store's runs/ folder)")
     cancel = sub.add_parser("cancel", help="cancel a run's queued or running job")
     cancel.add_argument("run", help="run id (or its first characters)")
     for parser in (run, sweep, listing, show, export, report, worker, cancel):

@@ -8,9 +8,9 @@ import os
 import time
 
 from backend.cli.arguments import evaluation_from, targets_from
-from compression.targets import Targets
 from backend.cli.render import progress_bar
 from backend.log import stderr_log
+from compression.targets import Targets
 
 
 def cmd_prune(args: argparse.Namespace) -> dict:
@@ -39,7 +39,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, template=args.template,
                            order=args.order, per_row=args.per_row, targets=targets, ria_a=args.ria_a,
                            batch_size=args.batch_size, error_tokens=args.error_tokens, data_dir=args.data_dir,
-                           device=args.device, dtype=args.dtype, offload=args.offload,
+                           device=args.device, dtype=args.dtype, offload=args.offload, device_map=args.device_map,
+                           max_memory=args.max_memory,
                            trust_remote_code=args.trust_remote_code, progress=on_progress)
     finally:
         bar.close()
@@ -47,6 +48,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     report = pruned.report
     return {"spec": pruned.spec, "seconds": time.perf_counter() - started, "stages": pruned.stages,
             "peak_rss_mb": peak_rss_mb(), "peak_device_mb": report.peak_device_mb, "save_path": str(save_path),
+            "placement": pruned.spec["placement"],
             "overall_sparsity": report.overall_sparsity, "pruned_sparsity": report.pruned_sparsity,
             "model_sparsity": report.model_sparsity, "model_parameters": report.model_parameters,
             "kept": report.kept, "check": report.check, "allocation": report.allocation,
@@ -68,6 +70,10 @@ def check_flags(args: argparse.Namespace) -> Targets:
     check_order(args.order)
     targets = targets_from(args)
     targets.check(args.sparsity, pattern.structured)
+    from backend.api import placement_of
+    from backend.sources.models import parse_max_memory
+    placement_of(args.offload, args.device_map, args.max_memory)
+    parse_max_memory(args.max_memory)
     return targets
 
 

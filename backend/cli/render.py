@@ -126,7 +126,12 @@ def print_prune_table(result: dict) -> None:
         print(f"check: the layer-by-layer pass matches the pruned model's own forward (relative difference "
               f"{check['relative_difference']:.1e} on {check['tokens']} tokens)")
     stages = "  ".join(f"{k} {v:.1f}s" for k, v in result["stages"].items())
-    print(f"{result['seconds']:.1f} s total | peak RSS {result['peak_rss_mb']:.0f} MB | saved to {result['save_path']}")
+    if result.get("placement"):
+        print(f"placement {result['placement']['mode']}: {result['placement']['reason']}")
+    device = (f" | peak device memory {result['peak_device_mb']:.0f} MB" if result.get("peak_device_mb") is not None
+              else "")
+    print(f"{result['seconds']:.1f} s total | peak RSS {result['peak_rss_mb']:.0f} MB{device} | saved to "
+          f"{result['save_path']}")
     print(f"stages: {stages}")
 
 

@@ -67,7 +67,10 @@ def save_pruned(model, tokenizer, folder: str | os.PathLike, sidecar: dict, over
     written and `write_folder` for how); returns the folder."""
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        from compression.residency import is_dispatched
+
+        # a model accelerate placed is gathered one shard at a time in CPU memory: small shards keep that small
+        model.save_pretrained(tmp, safe_serialization=True, **({"max_shard_size": "500MB"} if is_dispatched(model) else {}))
         tokenizer.save_pretrained(tmp)
         written = sorted({p.name for p in tmp.iterdir()} | {SIDECAR})
         (tmp / SIDECAR).write_text(json.dumps({**sidecar, OWN_FILES: written}, indent=1, default=str))

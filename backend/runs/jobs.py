@@ -50,8 +50,11 @@ class ModelCache:
         return self.dense
 
     def working_copy(self, spec: RunSpec) -> models.LoadedModel:
-        """A copy of the dense model to prune in place: copied in memory when it fits, else loaded again."""
+        """A copy of the dense model to prune in place: copied in memory when it fits, else loaded again (a model
+        accelerate placed always is: its weights may live on disk, in an offload folder of its own)."""
         dense = self.get(spec)
+        if dense.placement is not None and dense.placement.mode != "device":
+            return models.load(spec.model, self.device, spec.dtype, log=self.log)
         size = sum(p.numel() * p.element_size() for p in dense.model.parameters())
         fits = (psutil.virtual_memory().available if dense.device.type == "cpu"
                 else torch.cuda.mem_get_info(dense.device)[0]) > 1.3 * size
@@ -140,6 +143,7 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log, r
     pruned = prune_model(working.model, calibration, method, order=spec.order, targets=spec.targets,
                          device=working.device, progress=on_layer)
     prune = {**pruned.to_dict(), "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+             **({"placement": working.placement.to_dict()} if working.placement else {}),
              "calibration_held_out": held_out}
     layers = prune.pop("layers")
     report("saving", 0, 1, message="writing the pruned model")

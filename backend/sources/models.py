@@ -7,9 +7,10 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psutil
 import torch
 
 from backend.sources.hub import hub_reachable
@@ -17,6 +18,7 @@ from backend.sources.names import (
     DEFAULT_MODEL,
     DTYPE_ALIASES,
     EMBEDDED,
+    PLACEMENTS,
     cache_dir,
     model_problem,
 )
@@ -35,8 +37,22 @@ class ModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a model's weights will live, and the estimate that chose it (one line, with the numbers)."""
+
+    mode: str
+    reason: str
+    need: int = 0
+    free: int = 0
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "reason": self.reason, "need_bytes": self.need, "free_bytes": self.free}
+
+
+@dataclass(frozen=True)
 class LoadedModel:
-    """A model with its tokenizer and where it came from."""
+    """A model with its tokenizer and where it came from; `device` is where it computes (for a model accelerate
+    placed, where its inputs go)."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -44,6 +60,7 @@ class LoadedModel:
     path: str
     device: torch.device
     dtype: torch.dtype
+    placement: Placement | None = None
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -200,39 +217,143 @@ def unembedded(name_or_path: str) -> str:
     return str(path) if path.exists() else name_or_path
 
 
+GIB = 1024 ** 3
+
+
+def size_text(n: int) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
+
+
+def weight_bytes(location: str, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
+    """The model's weights in `dtype`, from its config alone (nothing is loaded)."""
+    return dimensions(read_config(location, trust_remote_code)).parameters * torch.finfo(dtype).bits // 8
+
+
+def plan_placement(need: int, device: torch.device, device_free: int, cpu_free: int, asked: str = "auto",
+                   dtype: str = "float32", name: str = "model") -> Placement:
+    """Choose where the weights live from the estimate: `need` bytes (with headroom) against what is free.
+    auto: the device when they fit it, else accelerate's device_map (what fits on the device, then CPU memory,
+    then disk). An explicit choice that cannot hold the model is refused with the numbers and what would."""
+    if asked not in PLACEMENTS:
+        raise ModelError(f"unknown placement {asked!r}: use {', '.join(PLACEMENTS)}")
+    numbers = f"{name} needs about {size_text(need)} in {dtype}"
+    fits_device = f"{numbers}; {size_text(device_free)} is free on {device}"
+    if asked == "device" or (asked == "auto" and need <= device_free):
+        if need > device_free:
+            raise ModelError(f"{numbers} but only {size_text(device_free)} is free on {device}; try --dtype bfloat16, "
+                             f"--device-map auto (layers on the device, then CPU memory, then disk), --offload "
+                             f"(prune only), another --device, or a smaller model")
+        return Placement("device", f"{fits_device}: loaded whole on {device}", need, device_free)
+    if asked == "offload":
+        if need > cpu_free:
+            raise ModelError(f"{numbers} but only {size_text(cpu_free)} of CPU memory is free to hold it for "
+                             f"--offload; use --device-map auto (what does not fit goes to disk)")
+        return Placement("offload", f"{numbers}; kept in CPU memory ({size_text(cpu_free)} free), each decoder "
+                                    f"layer visits {device} while it is pruned", need, cpu_free)
+    why = "asked for" if asked == "device-map" else f"it does not fit {device} ({size_text(device_free)} free)"
+    spill = "CPU memory" if need <= device_free + cpu_free else "CPU memory, then disk"
+    where = f"on {device}, then {spill}" if device.type != "cpu" else f"in {spill}"
+    return Placement("device-map", f"{numbers}; {why}: accelerate's device_map places its layers {where}, and each "
+                                   f"layer is computed where it is placed", need, device_free + cpu_free)
+
+
 def check_fits(location: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-               headroom: float = 1.2) -> int:
-    """Estimate weight memory from the config and refuse, with the numbers, when it cannot fit."""
-    config = read_config(location, trust_remote_code)
-    need = int(dimensions(config).parameters * torch.finfo(dtype).bits // 8 * headroom)
-    free = free_bytes(device)
-    if need > free:
-        gib = 1024 ** 3
-        raise ModelError(f"model {location!r} needs about {need / gib:.1f} GiB in {str(dtype).removeprefix('torch.')} "
-                         f"but only {free / gib:.1f} GiB is free on {device}; try --dtype bfloat16, "
-                         f"another --device, or a smaller model")
-    return need
+               headroom: float = 1.2, asked: str = "auto") -> Placement:
+    """The placement the memory estimate chooses for the model at `location` (refused, with the numbers, when an
+    explicit choice cannot hold it)."""
+    need = int(weight_bytes(location, dtype, trust_remote_code) * headroom)
+    cpu_free = psutil.virtual_memory().available
+    return plan_placement(need, device, free_bytes(device), cpu_free, asked, str(dtype).removeprefix("torch."),
+                          f"model {location!r}")
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes from a size as accelerate reads them (20GiB, 512MB, 1e9); a bad one is named with its flag."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(text.strip())
+    except ValueError:
+        size = -1
+    if size <= 0:
+        raise ModelError(f"{flag} {text.strip() or 'no size'!r} is not a size such as 20GiB or 512MB")
+    return size
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """accelerate's max_memory from 'cuda:0=20GiB,cpu=64GiB' (device=size, sizes as accelerate reads them)."""
+    if not text:
+        return None
+    limits: dict = {}
+    for part in text.split(","):
+        key, _, size = part.strip().partition("=")
+        device = key.strip()
+        if device.startswith("cuda:") and device[5:].isdigit():
+            device = int(device[5:])
+        elif device not in ("cpu", "disk") and not device.isdigit():
+            raise ModelError(f"--max-memory {part.strip()!r}: the device must be cpu or cuda:N (as in cuda:0=20GiB)")
+        parse_size(size, f"--max-memory {part.strip()!r}:")
+        limits[int(device) if isinstance(device, str) and device.isdigit() else device] = size.strip()
+    return limits
+
+
+def offload_folder() -> Path:
+    """A folder of PruneScope's own for the weights accelerate keeps on disk (pruned ones included), removed with
+    the model."""
+    import tempfile
+
+    root = cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=root))
 
 
 def load(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
-         trust_remote_code: bool = False, log=None) -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode, after a memory check; weights from safetensors only."""
+         trust_remote_code: bool = False, log=None, placement: str = "auto",
+         max_memory: dict | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode where the memory estimate places it (see plan_placement;
+    `max_memory` caps accelerate's device_map per device); weights from safetensors only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     location = resolve(name_or_path, log=log)
-    check_fits(location, dt, dev, trust_remote_code)
+    plan = check_fits(location, dt, dev, trust_remote_code, asked="device-map" if max_memory else placement)
+    if log:
+        log(f"placement {plan.mode}: {plan.reason}")
     started = time.perf_counter()
+    options: dict = {}
+    limits = f" within {', '.join(f'{k}={v}' for k, v in max_memory.items())}" if max_memory else ""
+    if plan.mode == "device-map":
+        folder = offload_folder()
+        if max_memory is None and dev.type == "cpu":  # the CPU and then disk, not any GPU the machine has
+            max_memory = {"cpu": int(psutil.virtual_memory().available * 0.9)}
+        options = {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(folder)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dt, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **options)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model {name_or_path!r}: {first_line(err)}") from err
-    model.to(dev).eval()
+    if plan.mode == "device-map":
+        import weakref
+        weakref.finalize(model, shutil.rmtree, folder, True)
+        plan = replace(plan, reason=f"{plan.reason}; accelerate placed it{limits}: {placed_summary(model)}")
+        if log:
+            log(f"placement: {plan.reason}")
+    else:
+        model.to(dev if plan.mode == "device" else "cpu")
+    model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if log:
         log(f"loaded {name_or_path} on {dev} as {str(dt).removeprefix('torch.')} in {time.perf_counter() - started:.1f} s")
-    return LoadedModel(model, tokenizer, name_or_path, location, dev, dt)
+    return LoadedModel(model, tokenizer, name_or_path, location, dev, dt, plan)
+
+
+def placed_summary(model: torch.nn.Module) -> str:
+    """How many of the model's modules accelerate put on each device, e.g. '3 on cpu, 29 on disk'."""
+    from collections import Counter
+
+    counts = Counter(str(where) for where in getattr(model, "hf_device_map", {"": "one device"}).values())
+    return ", ".join(f"{n} on {where}" for where, n in counts.items())

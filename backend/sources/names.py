@@ -14,6 +14,9 @@ EMBEDDED_PACKAGES: dict[str, str] = {name: package.replace("_", "-") for name, (
 DTYPE_ALIASES: dict[str, str] = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DTYPE_NAMES: tuple[str, ...] = ("auto", *dict.fromkeys(DTYPE_ALIASES.values()))
+# where a model's weights live: on the device whole; on the CPU with one layer at a time on the device (pruning
+# only); placed by accelerate (device_map="auto": GPUs, then CPU memory, then disk); auto picks by the estimate
+PLACEMENTS: tuple[str, ...] = ("auto", "device", "offload", "device-map")
 
 
 def cache_dir() -> Path:

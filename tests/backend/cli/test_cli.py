@@ -23,6 +23,11 @@ from tests.conftest import ROOT, SHARED_DATA, error_line, needs_shared, run_cli
      "method 'obs' is not known: use one of magnitude, wanda, sparsegpt, ria"),
     (["--sparsity", "0.5", "--calibration", "c5"], "'c5'"),
     (["--sparsity", "0.5", "--order", "fast"], "order 'fast' is not allowed"),
+    (["--sparsity", "0.5", "--device-map", "balanced"], "device_map 'balanced' is not allowed: use auto"),
+    (["--sparsity", "0.5", "--offload", "--device-map", "auto"], "offload and device_map/max_memory are two ways to place the model"),
+    (["--sparsity", "0.5", "--max-memory", "cpu=8GiB"], "max_memory caps accelerate's placement: give it with device_map='auto'"),
+    (["--sparsity", "0.5", "--device-map", "auto", "--max-memory", "cpu=8 bytes-ish"], "--max-memory 'cpu=8 bytes-ish': '8 bytes-ish' is "
+                                                                  "not a size"),
 ])
 def test_bad_prune_arguments_fail_before_any_model_loads(extra, expected, capsys, tmp_path):
     args = ["prune", "--method", "wanda", "--save", str(tmp_path / "out"), "--data-dir", str(tmp_path)]
@@ -95,3 +100,40 @@ def test_prune_save_reload_and_ppl_through_the_real_entry_point(tmp_path, tiny_f
     table = subprocess.run(cmd[:-1] + ["--save", str(tmp_path / "again")], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
     assert table.returncode == 0 and "sparsity 0.5000 over every matrix in the decoder layers" in table.stdout
+
+
+def test_prune_with_layers_on_disk_saves_the_weights_of_the_prune_in_memory(tmp_path, tokenizer, monkeypatch, capsys):
+    """--device-map auto with a CPU cap that sends most decoder layers to disk: the saved model equals the one
+    pruned whole in memory; the output names the placement; accelerate's offload folder (PruneScope's) is gone
+    after, and the dense folder is unchanged."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import tiny_model
+    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
+    dense = tmp_path / "dense"
+    tiny_model("llama", vocab=len(tokenizer), layers=4).save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    digest = hashlib.sha256((dense / "model.safetensors").read_bytes()).hexdigest()
+    common = ["prune", "--model", str(dense), "--method", "sparsegpt", "--sparsity", "0.5", "--calibration", "demo",
+              "--nsamples", "4", "--seqlen", "64", "--json"]
+    results = {}
+    for name, extra in (("whole", []), ("placed", ["--device-map", "auto", "--max-memory", "cpu=13MB"])):
+        code, out, err = run_cli(common + ["--save", str(tmp_path / name)] + extra, capsys)
+        assert code == 0, err
+        results[name] = json.loads(out)
+    assert results["whole"]["placement"]["mode"] == "device"
+    placed = results["placed"]["placement"]
+    assert placed["mode"] == "device-map" and "within cpu=13MB" in placed["reason"] and "on disk" in placed["reason"]
+    assert results["placed"]["check"]["relative_difference"] < 1e-5
+    whole, saved = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "placed" /
+                                                                                   "model.safetensors")
+    assert whole.keys() == saved.keys()
+    for key in whole:
+        torch.testing.assert_close(saved[key], whole[key], rtol=1e-5, atol=1e-6, msg=key)
+        assert torch.equal(saved[key] == 0, whole[key] == 0), key
+    import gc
+    gc.collect()  # the pruned model of the in-process CLI call is gone (a CLI process removes it at exit)
+    assert list((tmp_path / "cache" / "offload").iterdir()) == []
+    assert hashlib.sha256((dense / "model.safetensors").read_bytes()).hexdigest() == digest
