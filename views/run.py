@@ -28,6 +28,8 @@ from backend.sources.lm_tasks import SHIPPED_TASK
 from views.common import data_dir, fmt, store
 from views.progress import show_progress
 
+EXECUTORS = ("local", "ray")
+
 PATTERNS = ("unstructured", "2:4", "4:8")
 NONE = "(skip)"
 STATUS_WORDS = {"offline": "", "hub": " (downloads from the hub)", "unavailable": " (not available offline)"}
@@ -206,6 +208,11 @@ def form(status: dict[str, str]) -> RunSpec | None:
                 harness_include = st.text_input("Folder of local task YAMLs (optional)", key="lm_eval_include",
                                                 help="dataset_path: json with dataset_kwargs.data_files; a relative "
                                                      "file is read from this folder")
+        cluster = service.cluster_address()
+        if cluster:
+            st.radio("Where its jobs run", EXECUTORS, key="executor", horizontal=True,
+                     format_func=lambda e: "this machine" if e == "local" else f"the Ray cluster at {cluster}",
+                     help="A worker already serving this store keeps its executor until it has been idle a minute")
         submitted = st.form_submit_button("Prune and evaluate", type="primary")
     if not submitted:
         return None
@@ -335,7 +342,8 @@ data_folder()
 spec = form(status)
 if spec is not None:
     try:
-        submitted = service.submit(db, spec, data_dir(), judge_key=st.session_state.get("judge_key") or None)
+        submitted = service.submit(db, spec, data_dir(), judge_key=st.session_state.get("judge_key") or None,
+                                   executor=st.session_state.get("executor") if service.cluster_address() else None)
     except (SpecError, ValueError) as err:
         st.error(str(err))
     else:

@@ -121,6 +121,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         "else local)")
     parser.add_argument("--ray-address", help="with --executor ray: the cluster (auto, HOST:PORT; default a local "
                         "Ray instance)")
+    parser.add_argument("--artifacts", help="with --executor ray: where the pruned models go, a folder every node "
+                        "reaches or an fsspec URL (s3://bucket/prefix, ...; default: the store's runs/ folder)")
     parser.add_argument("--data-dir", help="folder with local data files (default: $PRUNESCOPE_DATA_DIR)")
 
 

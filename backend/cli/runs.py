@@ -9,16 +9,16 @@ import io
 import itertools
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from backend.cli.arguments import spec_from
 from backend.runs.artifacts import MODEL_ARTIFACT, intact, problems
+from backend.runs.locations import copy_folder
 from backend.runs.service import start, submit, submit_many
 from backend.runs.service import wait as wait_for
 from backend.runs.store import ACTIVE, Store, StoreError
-from backend.runs.worker import EXECUTOR_ENV, RAY_ADDRESS_ENV, serve
+from backend.runs.worker import ARTIFACTS_ENV, EXECUTOR_ENV, RAY_ADDRESS_ENV, serve
 
 POLL_S = 0.5
 
@@ -56,7 +56,18 @@ def outcome(store: Store, rid: str, cached: bool = False) -> dict:
 
 
 def use_executor(args: argparse.Namespace) -> None:
-    """--executor/--ray-address for the worker this command may start (it reads them from the environment)."""
+    """--executor/--ray-address for the worker this command may start (it reads them from the environment); a
+    cluster that does not answer is refused before anything is queued."""
+    for flag, value in (("--ray-address", args.ray_address), ("--artifacts", args.artifacts)):
+        if value and args.executor != "ray":
+            raise ValueError(f"{flag} is a setting of --executor ray: give both")
+    if args.executor == "ray":
+        from backend.runs.dispatch import address_problem, artifacts_problem
+        problem = address_problem(args.ray_address) or artifacts_problem(args.artifacts)
+        if problem:
+            raise ValueError(problem)
+    if args.artifacts:
+        os.environ[ARTIFACTS_ENV] = args.artifacts
     if args.executor:
         os.environ[EXECUTOR_ENV] = args.executor
     if args.ray_address:
@@ -152,7 +163,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
     artifact = store.artifact(rid, MODEL_ARTIFACT)
 
     def copy_model(tmp: Path) -> None:
-        shutil.copytree(artifact["path"], tmp, dirs_exist_ok=True)
+        copy_folder(artifact["path"], tmp, list(artifact["files"]))
         copied = problems(tmp, artifact["files"], full=True)
         if copied:
             raise RunFailed(f"copy to {model_dir} is damaged: {'; '.join(copied)}")
@@ -190,13 +201,24 @@ def cmd_worker(args: argparse.Namespace) -> dict:
     root = store.root
     store.close()
     if args.executor == "ray":
-        from backend.runs.dispatch import Resources, serve_ray
+        from backend.runs.dispatch import (
+            Resources,
+            address_problem,
+            artifacts_problem,
+            serve_ray,
+        )
+        from backend.sources.models import parse_size
+        problem = address_problem(args.ray_address) or artifacts_problem(args.artifacts)
+        if problem:
+            raise ValueError(problem)
         for flag, value, least in (("--cpus-per-job", args.cpus_per_job, "above 0"),
                                    ("--gpus-per-job", args.gpus_per_job, "of at least 0"),
                                    ("--max-retries", args.max_retries, "of at least 0")):
             if value < 0 or (value == 0 and least == "above 0"):
                 raise ValueError(f"{flag} {value:g} is not allowed: use a number {least}")
-        resources = Resources(num_cpus=args.cpus_per_job, num_gpus=args.gpus_per_job, max_retries=args.max_retries)
+        memory = parse_size(args.memory_per_job, "--memory-per-job") if args.memory_per_job else None
+        resources = Resources(num_cpus=args.cpus_per_job, num_gpus=args.gpus_per_job, memory=memory,
+                              max_retries=args.max_retries)
         return {"jobs": serve_ray(root, address=args.ray_address, device=args.device, idle_exit=args.idle_exit,
                                   resources=resources, artifacts=args.artifacts)}
     return {"jobs": serve(root, device=args.device, idle_exit=args.idle_exit)}

@@ -16,9 +16,11 @@ from typing import BinaryIO
 from backend.findings.evidence import units_of_run
 from backend.reports.html import build_html
 from backend.runs.artifacts import MODEL_ARTIFACT, problems
+from backend.runs.locations import copy_folder, is_url
 from backend.runs.protocol import protocol_label
 from backend.runs.service import start
 from backend.runs.store import Store, StoreError
+from backend.sources.names import cache_dir
 
 CHUNK = 1 << 20
 
@@ -107,11 +109,17 @@ def model_folder(store: Store, run_id: str) -> ModelFolder:
     if artifact is None:
         raise ModelMissing(f"run {run_id} has no pruned model in the store (never written, or removed by "
                            f"`python -m backend gc`): {rebuild}")
-    found = problems(artifact["path"], artifact["files"]) if artifact["path"].is_dir() else ["the folder is missing"]
+    path = artifact["path"]
+    found = problems(path, artifact["files"]) if is_url(path) or path.is_dir() else ["the folder is missing"]
     if found:
-        raise ModelMissing(f"the pruned model of run {run_id} at {artifact['path']} is not as it was written "
+        raise ModelMissing(f"the pruned model of run {run_id} at {path} is not as it was written "
                            f"({'; '.join(found[:3])}): {rebuild}")
-    return ModelFolder(run_id, artifact["path"], artifact["files"])
+    if is_url(path):  # a copy on this machine, which the archive's checksums then check
+        local = cache_dir() / "artifacts" / run_id
+        if problems(local, artifact["files"], full=True):
+            copy_folder(path, local, list(artifact["files"]))
+        path = local
+    return ModelFolder(run_id, path, artifact["files"])
 
 
 def archive_name(run_id: str) -> str:

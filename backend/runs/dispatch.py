@@ -21,6 +21,56 @@ from backend.runs.store import Store
 from backend.runs.worker import Heartbeat
 
 
+def current_cluster() -> str | None:
+    """The address of the Ray cluster started on this machine (`ray start --head` writes it where `auto` finds it)."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def address_problem(address: str | None, timeout: float = 3.0) -> str | None:
+    """Why no Ray cluster answers at `address`, in one line (None when one does, or when no address is given: the
+    dispatcher then starts a local instance of its own). Checked before anything is queued."""
+    import socket
+
+    if not address:
+        return None
+    target = (os.environ.get("RAY_ADDRESS") or current_cluster()) if address == "auto" else address
+    if not target:
+        return ("--ray-address auto: no Ray cluster runs on this machine; start one with `ray start --head`, give "
+                "the address another machine's `ray start --head` printed, or leave --ray-address out for a local "
+                "instance")
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return f"--ray-address {address!r} is not an address: use auto or HOST:PORT (as `ray start --head` prints it)"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        return (f"--ray-address {address}: no Ray cluster answers at {host}:{port} ({err.strerror or err}); start one "
+                f"with `ray start --head` or give the address it printed")
+    return None
+
+
+def artifacts_problem(root: str | None) -> str | None:
+    """Why the artifact root cannot take the pruned models, in one line (None when it can, or is not given): an
+    fsspec URL whose scheme is not installed or cannot be written, a folder that cannot be made. Every node must
+    reach it too, which only the cluster can tell."""
+    if not root:
+        return None
+    from backend.runs.locations import filesystem, is_url
+
+    try:
+        if is_url(root):
+            fs, path = filesystem(root)
+            fs.makedirs(path, exist_ok=True)
+        else:
+            Path(root).expanduser().mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as err:
+        return f"--artifacts {root}: cannot be written ({err}); give a folder every node reaches or an fsspec URL"
+    return None
+
+
 @dataclass(frozen=True)
 class Resources:
     """What each job asks Ray for (fractional GPUs allowed) and how often a task whose worker died is retried."""

@@ -5,11 +5,14 @@ store (one SQLite file on the head) is written by the dispatcher alone."""
 from __future__ import annotations
 
 import queue
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from backend.runs.locations import is_url, upload
 from backend.runs.progress import measured_rates
 from backend.runs.spec import RunSpec, dense_key
 from backend.runs.store import Store
@@ -48,6 +51,7 @@ class RecordingStore:
     snap: Snapshot
     emit: Callable[[tuple], None]
     writes: list[tuple] = field(default_factory=list)
+    staging: Path | None = None
     root = None  # no key server here: a judge endpoint that needs a typed key runs on the local executor
 
     def spec(self, run_id: str) -> RunSpec:
@@ -60,7 +64,13 @@ class RecordingStore:
         return self.snap.dense if key == self.snap.dense_key else None
 
     def run_folder(self, run_id: str) -> Path:
-        return Path(self.snap.artifacts) / run_id
+        """The run's folder under the artifact root; for an fsspec URL, a staging folder on this node whose
+        artifacts save_artifact uploads."""
+        if not is_url(self.snap.artifacts):
+            return Path(self.snap.artifacts) / run_id
+        if self.staging is None:
+            self.staging = Path(tempfile.mkdtemp(prefix="prunescope-staging-"))
+        return self.staging / run_id
 
     def progress(self, job_id: int, *report) -> bool:
         self.emit(("progress", report))
@@ -73,6 +83,12 @@ class RecordingStore:
         self.writes.append(("dense", key, model, result))
 
     def save_artifact(self, run_id: str, name: str, path: Path, files: dict) -> None:
+        if is_url(self.snap.artifacts):
+            url = f"{self.snap.artifacts.rstrip('/')}/{run_id}/{name}"
+            self.emit(("log", f"uploading {name} of run {run_id} to {url}"))
+            upload(path, url)
+            shutil.rmtree(path)
+            path = url
         self.writes.append(("artifact", name, str(path), files))
 
     def save_layers(self, run_id: str, layers: list[dict]) -> None:
@@ -101,11 +117,15 @@ def run_job(snap: Snapshot, device: str = "auto") -> Iterator[dict]:
             events.put(("end", None))
 
     threading.Thread(target=body, daemon=True, name=f"job-{snap.job['job_id']}").start()
-    while True:
-        kind, value = events.get()
-        if kind == "end":
-            break
-        yield {kind: value}
+    try:
+        while True:
+            kind, value = events.get()
+            if kind == "end":
+                break
+            yield {kind: value}
+    finally:
+        if store.staging is not None:
+            shutil.rmtree(store.staging, ignore_errors=True)
     if failed:
         raise failed[0]
     yield {"writes": store.writes}

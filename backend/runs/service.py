@@ -16,7 +16,7 @@ from backend.runs.checks import check_specs
 from backend.runs.lock import lock_holder
 from backend.runs.spec import RunSpec, SpecError, fingerprints, run_id
 from backend.runs.store import ACTIVE, Store, StoreError
-from backend.runs.worker import LOG_NAME, ensure_worker
+from backend.runs.worker import EXECUTOR_ENV, LOG_NAME, cluster_address, ensure_worker
 from backend.sources.datasets import (
     BUILTIN_FILES,
     HUB_IDS,
@@ -42,29 +42,43 @@ class Planned:
 
 
 def submit(store: Store, spec: RunSpec, data_dir: str | None = None, device: str = "auto",
-           start_worker: bool = True, judge_key: str | None = None) -> dict:
+           start_worker: bool = True, judge_key: str | None = None, executor: str | None = None) -> dict:
     """Queue a spec, or find it already done; returns run_id, state, cached and job_id. A spec that would queue
     work is checked first against the model's config, its tokenizer and the data (backend/runs/checks.py), so a
     run that would fail on them is refused with a SpecError and nothing is queued. Starts a worker (its own
     program, never a fork of the caller) when there is work and none runs. `judge_key`: the key of a judge endpoint
-    that is not the server's; it stays in this process's memory and is handed only to the worker of this run."""
-    return submit_many(store, [spec], data_dir, device, start_worker, judge_key)[0]
+    that is not the server's; it stays in this process's memory and is handed only to the worker of this run.
+    `executor`: local or ray, for a worker started now (default: PRUNESCOPE_EXECUTOR)."""
+    return submit_many(store, [spec], data_dir, device, start_worker, judge_key, executor)[0]
 
 
 def submit_many(store: Store, specs: list[RunSpec], data_dir: str | None = None, device: str = "auto",
-                start_worker: bool = True, judge_key: str | None = None) -> list[dict]:
+                start_worker: bool = True, judge_key: str | None = None,
+                executor: str | None = None) -> list[dict]:
     """submit for each spec (a sweep's grid), all of them checked before any is queued: one bad spec queues none."""
+    check_executor(executor)
     planned = [plan(store, spec, data_dir, device, judge_key) for spec in specs]
     work = [p for p in planned if not served(store, p)]
     if work:
-        early = start(store.root, device) if start_worker else None  # it loads torch while the checks run
+        early = start(store.root, device, executor) if start_worker else None  # it loads torch while the checks run
         try:
             check_specs([p.spec for p in work], data_dir)
         except BaseException:
             if early is not None:
                 stand_down(store, early, device)
             raise
-    return [hand_in(store, p, data_dir, device, start_worker, judge_key) for p in planned]
+    return [hand_in(store, p, data_dir, device, start_worker, judge_key, executor) for p in planned]
+
+
+def check_executor(executor: str | None) -> None:
+    """The executor is local or ray, and a ray cluster named for this machine's workers answers."""
+    if executor not in (None, "local", "ray"):
+        raise SpecError(f"executor {executor!r} is not known: use local or ray")
+    if (executor or os.environ.get(EXECUTOR_ENV)) == "ray":
+        from backend.runs.dispatch import address_problem
+        problem = address_problem(cluster_address())
+        if problem:
+            raise SpecError(problem)
 
 
 def plan(store: Store, spec: RunSpec, data_dir: str | None, device: str, judge_key: str | None) -> Planned:
@@ -91,18 +105,18 @@ def served(store: Store, planned: Planned) -> bool:
 
 
 def hand_in(store: Store, planned: Planned, data_dir: str | None, device: str, start_worker: bool,
-         judge_key: str | None) -> dict:
+            judge_key: str | None, executor: str | None = None) -> dict:
     """Hand a planned run to the store, the judge's own key to its worker, and start a worker when there is work."""
     spec, rid = planned.spec, planned.run_id
     submission = store.submit(spec, planned.prints, rid, artifacts_ok=planned.artifacts_ok, data_dir=data_dir)
     if spec.evaluation.judge_model and not planned.own_endpoint and not submission.cached:
         keys.offer(store.root, rid, judge_key.strip())
     if start_worker and not submission.cached:
-        start(store.root, device)
+        start(store.root, device, executor)
     return {"run_id": rid, "state": submission.state, "cached": submission.cached, "job_id": submission.job_id}
 
 
-def start(root: Path, device: str = "auto") -> subprocess.Popen | None:
+def start(root: Path, device: str = "auto", executor: str | None = None) -> subprocess.Popen | None:
     """Start a worker unless one runs or the one this process started for the store is still starting (a sweep's
     runs would otherwise each start one before the first takes the lock); reap those that have exited. Returns the
     worker started now, if any."""
@@ -112,7 +126,7 @@ def start(root: Path, device: str = "auto") -> subprocess.Popen | None:
     root = Path(root).resolve()
     if root in _children:
         return None
-    child = ensure_worker(root, device)
+    child = ensure_worker(root, device, executor)
     if child is not None:
         _children[root] = child
     return child

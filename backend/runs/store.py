@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from backend.runs.identity import code_version
+from backend.runs.locations import location
 from backend.runs.lock import UNKNOWN, lock_holder
 from backend.runs.protocol import protocol_key, protocol_of
 from backend.runs.schema import SCHEMA_VERSION, StoreError, migrate
@@ -230,7 +231,7 @@ class Store:
 
     def artifact(self, run_id: str, name: str) -> dict | None:
         row = self.db.execute("SELECT * FROM artifacts WHERE run_id = ? AND name = ?", (run_id, name)).fetchone()
-        return {"path": Path(row["path"]), "files": json.loads(row["files"])} if row else None
+        return {"path": location(row["path"]), "files": json.loads(row["files"])} if row else None
 
     def dense_result(self, key: str) -> dict | None:
         row = self.db.execute("SELECT result FROM dense_results WHERE dense_key = ?", (key,)).fetchone()

@@ -40,20 +40,28 @@ def stop_worker(root: Path) -> int | None:
     return pid
 
 
-EXECUTOR_ENV, RAY_ADDRESS_ENV = "PRUNESCOPE_EXECUTOR", "PRUNESCOPE_RAY_ADDRESS"
+EXECUTOR_ENV, RAY_ADDRESS_ENV, ARTIFACTS_ENV = "PRUNESCOPE_EXECUTOR", "PRUNESCOPE_RAY_ADDRESS", "PRUNESCOPE_ARTIFACTS"
 
 
-def executor_flags() -> list[str]:
-    """The worker flags that pick the executor a started worker uses: PRUNESCOPE_EXECUTOR=ray (and
-    PRUNESCOPE_RAY_ADDRESS) makes it a Ray dispatcher; `run`/`sweep --executor ray` set them."""
-    if os.environ.get(EXECUTOR_ENV, "local") != "ray":
+def cluster_address() -> str | None:
+    """The Ray cluster configured for this machine's workers (PRUNESCOPE_RAY_ADDRESS), if any."""
+    return os.environ.get(RAY_ADDRESS_ENV) or None
+
+
+def executor_flags(executor: str | None = None) -> list[str]:
+    """The worker flags that pick the executor a started worker uses: `executor`, else PRUNESCOPE_EXECUTOR; ray
+    makes it a Ray dispatcher on PRUNESCOPE_RAY_ADDRESS with its artifacts at PRUNESCOPE_ARTIFACTS (`run`/`sweep
+    --executor ray [--ray-address A] [--artifacts R]` set them)."""
+    if (executor or os.environ.get(EXECUTOR_ENV, "local")) != "ray":
         return []
-    address = os.environ.get(RAY_ADDRESS_ENV)
-    return ["--executor", "ray", *(["--ray-address", address] if address else [])]
+    address, artifacts = os.environ.get(RAY_ADDRESS_ENV), os.environ.get(ARTIFACTS_ENV)
+    return ["--executor", "ray", *(["--ray-address", address] if address else []),
+            *(["--artifacts", artifacts] if artifacts else [])]
 
 
-def ensure_worker(root: Path, device: str = "auto") -> subprocess.Popen | None:
-    """Start a worker for this store as a separate program unless one runs; returns the new process."""
+def ensure_worker(root: Path, device: str = "auto", executor: str | None = None) -> subprocess.Popen | None:
+    """Start a worker for this store as a separate program unless one runs (on `executor`, see executor_flags);
+    returns the new process."""
     root = Path(root)
     if worker_running(root):
         return None
@@ -62,7 +70,7 @@ def ensure_worker(root: Path, device: str = "auto") -> subprocess.Popen | None:
         path.replace(path.with_name(LOG_NAME + ".1"))
     log = open(path, "ab")
     command = [sys.executable, "-m", "backend", "worker", "--store", str(root), "--device", device,
-               *executor_flags()]
+               *executor_flags(executor)]
     project = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

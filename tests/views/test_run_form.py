@@ -43,7 +43,7 @@ def page(monkeypatch, store: Path, **params: str) -> AppTest:
 
 def widgets(at: AppTest) -> dict:
     """The page's widgets by label (the data folder's by its label's start)."""
-    found = {w.label: w for w in [*at.text_input, *at.number_input, *at.selectbox, *at.slider, *at.toggle]}
+    found = {w.label: w for w in [*at.text_input, *at.number_input, *at.selectbox, *at.slider, *at.toggle, *at.radio]}
     found["folder"] = next(w for w in at.text_input if w.label.startswith(FOLDER_LABEL))
     return found
 
@@ -236,3 +236,24 @@ def test_each_early_check_refuses_on_submit_and_queues_nothing(monkeypatch, tmp_
         assert not at.exception
         assert any(expected in e.value for e in at.error), (expected, [e.value for e in at.error])
         assert jobs(store) == 0 and "run" not in at.query_params
+
+
+def test_with_a_cluster_configured_the_form_offers_it_and_refuses_one_that_does_not_answer(monkeypatch, tmp_path,
+                                                                                         tiny_folder):
+    """No cluster configured: no executor choice. PRUNESCOPE_RAY_ADDRESS set: the form offers this machine or the
+    cluster; choosing a cluster that does not answer is refused on submit with nothing queued, and this machine
+    queues the run."""
+    store = tmp_path / "store"
+    monkeypatch.setattr(service, "start", lambda *args, **kwargs: None)  # queue only: no worker for this test
+    assert "Where its jobs run" not in widgets(page(monkeypatch, store))
+    monkeypatch.setenv("PRUNESCOPE_RAY_ADDRESS", "127.0.0.1:1")
+    at = page(monkeypatch, store)
+    choice = widgets(at)["Where its jobs run"]
+    assert choice.options == ["this machine", "the Ray cluster at 127.0.0.1:1"]
+    fill(at, str(tiny_folder), **{"Where its jobs run": "ray"})
+    at = submit(at)
+    assert any("no Ray cluster answers at 127.0.0.1:1" in e.value for e in at.error), [e.value for e in at.error]
+    assert jobs(store) == 0
+    fill(at, str(tiny_folder), **{"Where its jobs run": "local"})
+    at = submit(at)
+    assert not at.error and jobs(store) == 1, [e.value for e in at.error]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from backend.runs.store import Store
 from backend.runs.worker import stop_worker
@@ -23,10 +24,17 @@ LONG = ("--method", "wanda", "--sparsity", "0.4", "--calibration", "demo-prose",
 
 
 @pytest.fixture(scope="module")
-def ray_store(tmp_path_factory, tiny_folder) -> Path:
-    """A store whose worker is a Ray dispatcher with its own local Ray instance, holding the sweep's four runs."""
+def bucket(tmp_path_factory) -> str:
+    """An fsspec URL as the artifact root (file://, the one scheme every machine has)."""
+    return (tmp_path_factory.mktemp("bucket") / "models").as_uri()
+
+
+@pytest.fixture(scope="module")
+def ray_store(tmp_path_factory, tiny_folder, bucket) -> Path:
+    """A store whose worker is a Ray dispatcher with its own local Ray instance, holding the sweep's four runs,
+    whose pruned models went to an fsspec URL."""
     root = tmp_path_factory.mktemp("ray-store")
-    backend_cli(root, "sweep", "--model", str(tiny_folder), *SWEEP, "--executor", "ray")
+    backend_cli(root, "sweep", "--model", str(tiny_folder), *SWEEP, "--executor", "ray", "--artifacts", bucket)
     yield root
     stop_worker(root)
 
@@ -51,8 +59,29 @@ def test_a_sweep_through_ray_gives_the_local_executors_metrics(ray_store, filled
         job = Store(ray_store).latest_job(rid)
         assert job["timings"] and job["stage"] == "divergence on answers" and job["done"] == job["total"]
     store = Store(ray_store)
-    assert all(store.artifact(rid, "model") for rid in ours)
     assert len(store.db.execute("SELECT * FROM dense_results").fetchall()) == 1  # the dense side once
+
+
+def test_pruned_models_go_to_the_fsspec_root_checked_and_exported_from_there(ray_store, filled_store, bucket, tmp_path):
+    """Each run's model lies at URL/run_id/model with the checksums the store holds; export reads it back from
+    there into a folder whose weights equal the local executor's pruned model."""
+    from safetensors.torch import load_file
+
+    from backend.runs.artifacts import intact
+    from backend.runs.locations import filesystem
+    store, local = Store(ray_store), Store(filled_store)
+    fs, root = filesystem(bucket)
+    for rid in (r["run_id"] for r in store.runs()):
+        artifact = store.artifact(rid, "model")
+        assert artifact["path"] == f"{bucket}/{rid}/model" and intact(store, rid, full=True)
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{rid}/model")) == sorted(artifact["files"])
+    rid = store.runs()[0]["run_id"]
+    backend_cli(ray_store, "export", rid, "--to", str(tmp_path / "out"))
+    exported = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    theirs = load_file(local.artifact(rid, "model")["path"] / "model.safetensors")
+    assert exported.keys() == theirs.keys() and all(torch.equal(exported[k], theirs[k]) for k in theirs)
+    fs.rm(f"{root}/{rid}/model/model.safetensors")
+    assert not intact(store, rid)  # a file gone from the bucket is seen
 
 
 def test_a_killed_task_is_retried_and_the_store_stays_intact(ray_store, tiny_folder):
@@ -88,7 +117,23 @@ def test_cancel_stops_a_running_task(ray_store, tiny_folder):
 @pytest.mark.parametrize("flag, value, said", [("--cpus-per-job", "0", "--cpus-per-job 0 is not allowed: use a number "
                                                                        "above 0"),
                                                ("--gpus-per-job", "-1", "--gpus-per-job -1 is not allowed"),
-                                               ("--max-retries", "-2", "--max-retries -2 is not allowed")])
+                                               ("--max-retries", "-2", "--max-retries -2 is not allowed"),
+                                               ("--memory-per-job", "lots", "--memory-per-job 'lots' is not a size"),
+                                               ("--ray-address", "127.0.0.1:1", "--ray-address 127.0.0.1:1: no Ray "
+                                                                                "cluster answers at 127.0.0.1:1")])
 def test_bad_ray_resources_are_refused_in_one_line(flag, value, said, tmp_path, capsys):
     code, _, err = run_cli(["worker", "--executor", "ray", flag, value, "--store", str(tmp_path)], capsys)
     assert code == 2 and said in error_line(err)
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--executor", "ray", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1 (Connection refused)"),
+    (["--executor", "ray", "--ray-address", "head-node"], "--ray-address 'head-node' is not an address: use auto or "
+                                                          "HOST:PORT"),
+    (["--ray-address", "127.0.0.1:6379"], "--ray-address is a setting of --executor ray: give both"),
+])
+def test_a_cluster_that_does_not_answer_is_refused_before_anything_is_queued(extra, said, tmp_path, capsys):
+    code, _, err = run_cli(["run", "--method", "magnitude", "--sparsity", "0.5", "--store", str(tmp_path), *extra],
+                           capsys)
+    assert code == 2 and said in error_line(err)
+    assert Store(tmp_path).runs() == []
