@@ -118,3 +118,28 @@ def test_bad_names_are_clear(tmp_path):
     with pytest.raises(ModelError, match="not found"):
         resolve(str(tmp_path / "missing"))
     assert resolve("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+
+
+def test_a_model_mostly_on_disk_evaluates_as_the_same_model_in_memory(tmp_path, monkeypatch, tokenizer):
+    """Perplexity, teacher-forced divergences and greedy answers of a model accelerate keeps mostly on disk equal
+    those of the same model loaded whole: the metrics run through accelerate's hooks unchanged."""
+    from backend.runs.evaluate import evaluate
+    from backend.runs.spec import EvalSettings
+    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_model("llama", vocab=len(tokenizer), layers=4, seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    dense = load(str(folder), "cpu", "float32")
+    settings = EvalSettings(ppl="demo-prose", ppl_seqlen=64, ppl_windows=2, jsd="demo", tasks="demo", limit=4,
+                            max_new_tokens=4)
+    whole, records = evaluate(dense, load(str(folder), "cpu", "float32"), settings)
+    placed = load(str(folder), "cpu", "float32", max_memory={"cpu": "13MB"})
+    assert "disk" in set(placed.model.hf_device_map.values())
+    on_disk, placed_records = evaluate(dense, placed, settings)
+    for side in ("dense", "pruned"):
+        for metric in ("ppl", "em", "f1", "rouge1"):
+            assert on_disk[side][metric] == pytest.approx(whole[side][metric], rel=1e-6), (side, metric)
+    for metric in ("jsd", "kl_dense_pruned", "flip_rate", "answer_jsd"):
+        assert on_disk[metric] == pytest.approx(whole[metric], abs=1e-9), metric
+    answers = lambda rows: [r["pruned_tokens"] for r in rows if r["kind"] == "task"]
+    assert answers(placed_records) == answers(records) and any(answers(records))
