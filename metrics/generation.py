@@ -1,4 +1,5 @@
-"""Batched greedy generation with left padding, for task scores."""
+"""Batched greedy generation with left padding, for task scores: a decode loop over transformers' cache that drops
+a row from the batch as soon as its answer ends, so finished answers cost nothing while the others go on."""
 
 from __future__ import annotations
 
@@ -19,15 +20,6 @@ def stop_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     return list(dict.fromkeys(int(i) for i in candidates if i is not None))
 
 
-def trim_answer(ids: list[int], stops: list[int]) -> list[int]:
-    """A generated row up to and including its first stop token (what follows is padding), or whole if none."""
-    stop_set = set(stops)
-    for index, token in enumerate(ids):
-        if token in stop_set:
-            return ids[:index + 1]
-    return list(ids)
-
-
 def answer_texts(tokenizer, answers: list[list[int]], stops: list[int]) -> list[str]:
     """Generated ids as text, without the stop token that ended them (even one the tokenizer does not call special)
     and without special tokens."""
@@ -39,10 +31,10 @@ def answer_texts(tokenizer, answers: list[list[int]], stops: list[int]) -> list[
 def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32,
                  batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
                  min_new_tokens: int = 0, streamer=None) -> list[list[int]]:
-    """Greedy answers' token ids, stopping at any of `stop_ids`; each row keeps the stop token that ended it and
-    drops the padding after it. Prompts are sorted by length so each batch carries little padding; the answers come
-    back in the prompts' order. Special tokens in a prompt's text (a chat template) are kept. `streamer` (a
-    transformers streamer) sees every decoding step, for progress inside a batch."""
+    """Greedy answers' token ids, stopping at any of `stop_ids`; each row keeps the stop token that ended it. Prompts
+    are sorted by length so each batch carries little padding; the answers come back in the prompts' order.
+    Special tokens in a prompt's text (a chat template) are kept. `streamer` (a transformers streamer) sees every
+    decoding step's tokens of the rows still answering, for progress inside a batch."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} and batch_size {batch_size} must both be at least 1")
     device = next(model.parameters()).device
@@ -62,14 +54,53 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
             for r, i in enumerate(rows):
                 ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 mask[r, width - len(encoded[i]):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 eos_token_id=stops or None, pad_token_id=pad, top_p=None, top_k=None,
-                                 temperature=None, streamer=streamer)
-            for r, i in enumerate(rows):
-                answers[i] = trim_answer(out[r, width:].tolist(), stops)
+            if streamer is not None:
+                streamer.put(ids)
+            for r, answer in enumerate(greedy(model, ids.to(device), mask.to(device), max_new_tokens, min_new_tokens,
+                                              stops, streamer)):
+                answers[rows[r]] = answer
+            if streamer is not None:
+                streamer.end()
             if progress:
                 progress(min(start + batch_size, len(order)), len(order))
+    return answers
+
+
+def greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, min_new_tokens: int,
+           stops: list[int], streamer=None) -> list[list[int]]:
+    """One left-padded batch decoded greedily over a DynamicCache: the prompt in one forward, then a token per step
+    for the rows still answering; a row whose token is a stop leaves the batch (its cache rows with it)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    alive = torch.arange(ids.shape[0], device=ids.device)
+    stop = torch.tensor(stops, dtype=torch.long, device=ids.device)
+    position = mask.long().cumsum(-1) - 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    position = position[:, -1]
+    for step in range(max_new_tokens):
+        if step < min_new_tokens and len(stops):
+            logits[:, stop] = -float("inf")
+        token = logits.argmax(-1)
+        for row, value in zip(alive.tolist(), token.tolist()):
+            answers[row].append(value)
+        if streamer is not None:
+            streamer.put(token)
+        if step == max_new_tokens - 1:
+            break
+        going = ~torch.isin(token, stop)
+        if not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero()[:, 0]
+            cache.batch_select_indices(keep)
+            alive, token, mask, position = alive[keep], token[keep], mask[keep], position[keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        position = position + 1
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
     return answers
 
 

@@ -1,4 +1,5 @@
-"""Batched greedy generation: left padding and length sorting change nothing about the answers."""
+"""Batched greedy generation: left padding, length sorting and dropping finished rows change nothing about the
+answers, which equal transformers' own generate prompt by prompt."""
 
 from __future__ import annotations
 
@@ -19,6 +20,46 @@ def test_batched_answers_equal_one_prompt_at_a_time_in_the_prompts_order(arch, t
     together = generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=4)
     assert together == alone
     assert len({a for a in alone}) > 1
+
+
+def ends_at_different_steps(model, eos: int, every: int = 3) -> None:
+    """A row whose current input token id is a multiple of `every` answers EOS next, so a batch's answers end at
+    different steps (the rule depends on the row's own tokens only, batched or not)."""
+    last: dict = {}
+    model.get_input_embeddings().register_forward_pre_hook(lambda _m, args: last.update(ids=args[0][:, -1]))
+
+    def stop(_module, _inputs, logits):
+        logits[last["ids"] % every == 0, -1, eos] = 1e4
+        return logits
+
+    model.get_output_embeddings().register_forward_hook(stop)
+
+
+def library_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """The oracle: transformers' generate, one prompt at a time (no padding), cut after the first stop token."""
+    stops = stop_ids(model, tokenizer)
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=stops[0], top_p=None,
+                             top_k=None, temperature=None)[0, ids.shape[1]:].tolist()
+        end = next((i for i, t in enumerate(out) if t in stops), len(out) - 1)
+        answers.append(out[:end + 1])
+    return answers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "gemma3", "qwen3_moe"])
+def test_answers_that_end_at_different_steps_equal_the_librarys_generate(arch, tokenizer):
+    """Rows leave the batch as their answers end (sliding-window caches, absolute positions and experts included);
+    every answer equals transformers' own greedy generate of its prompt alone."""
+    model = tiny_model(arch, vocab=len(tokenizer), seed=4)
+    ends_at_different_steps(model, tokenizer.eos_token_id)
+    prompts = PROMPTS + ["Count to ten:", "A long prompt that pads the others in its batch a fair amount, surely"]
+    ours = generate_ids(model, tokenizer, prompts, max_new_tokens=12, batch_size=4)
+    assert ours == library_greedy(model, tokenizer, prompts, 12)
+    lengths = {len(a) for a in ours}
+    assert len(lengths) > 2 and any(a[-1] == tokenizer.eos_token_id for a in ours), lengths
 
 
 def test_min_new_tokens_holds_eos_back_and_progress_counts_prompts(tokenizer):
