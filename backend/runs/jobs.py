@@ -4,6 +4,8 @@ dense model (whose own side is computed once per model and setting), and record 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field, replace
 
@@ -31,6 +33,8 @@ from compression.patterns import parse_pattern
 from compression.report import Progress, peak_rss_mb
 from metrics.judge import configured_endpoint, same_endpoint
 
+MEMO_BYTES = 512 * 2 ** 20  # the most the dense model's kept states may take before they are dropped
+
 
 @dataclass
 class ModelCache:
@@ -40,11 +44,13 @@ class ModelCache:
     log: Log = stderr_log
     key: tuple | None = None
     dense: models.LoadedModel | None = field(default=None, repr=False)
+    memo: dict = field(default_factory=dict, repr=False)  # what the dense model computed that jobs share
 
     def get(self, spec: RunSpec) -> models.LoadedModel:
         key = (spec.model, spec.dtype, self.device)
         if key != self.key:
             self.dense, self.key = None, None
+            self.memo.clear()
             self.dense = models.load(spec.model, self.device, spec.dtype, log=self.log)
             self.key = key
         return self.dense
@@ -150,12 +156,23 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log, r
     folder = save_pruned(working.model, working.tokenizer, store.run_folder(run_id) / MODEL_ARTIFACT,
                          {"run_id": run_id, "spec": spec.to_dict(), "report": pruned.to_dict()}, overwrite=True,
                          owned=True)
-    store.save_artifact(run_id, MODEL_ARTIFACT, folder, describe(folder))
+    files = describe(folder)
+    store.save_artifact(run_id, MODEL_ARTIFACT, folder, files)
     if job["kind"] == "rebuild":
         report("saving", 1, 1)
         report.finish()
         store.save_layers(run_id, layers)
         log(f"run {run_id}: pruned model rebuilt in {folder}")
+        return
+    twin_key = evaluation_key(key, files)
+    twin = evaluated_twin(store, twin_key, run_id)
+    if twin is not None:
+        summary, examples = twin
+        log(f"run {run_id}: its pruned weights equal those of run {summary['evaluation_reused_from']}, evaluated with "
+            f"the same settings, data and code: that evaluation is reused")
+        report.finish()
+        store.save_results(run_id, prune, layers, summary, examples)
+        log(f"run {run_id}: done")
         return
     judge_key = offered_judge_key(store, run_id, spec)
     dense_side = store.dense_result(key)
@@ -166,10 +183,32 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log, r
     else:
         dense_side = {**dense_side, "seconds": {}}
         log(f"dense side of the evaluation reused ({key})")
+    if sum(t.numel() * t.element_size() for t in cache.memo.values()) > MEMO_BYTES:
+        cache.memo.clear()
     lm = replace(working, path=str(folder), name=f"{spec.model} ({spec.summary()})")
     summary, examples = evaluate(dense, lm, spec.evaluation, data_dir, log, report, dense_side=dense_side,
-                                 judge_key=judge_key)
+                                 judge_key=judge_key, dense_memo=cache.memo)
     summary["dense_reused"] = reused
     report.finish()
+    summary["evaluation_key"] = twin_key
     store.save_results(run_id, prune, layers, summary, examples)
     log(f"run {run_id}: done")
+
+
+def evaluation_key(dense: str, files: dict[str, dict]) -> str:
+    """Identifies an evaluation by its dense side (model, settings, data, provenance and code) and the pruned
+    weights themselves (the sha256 of the saved weight files): two runs with equal keys measure the very same
+    thing, as magnitude pruning does for every calibration set."""
+    weights = sorted((name, f["sha256"]) for name, f in files.items() if name.endswith(".safetensors"))
+    words = json.dumps({"dense": dense, "weights": weights}, sort_keys=True)
+    return hashlib.sha256(words.encode()).hexdigest()[:16]
+
+
+def evaluated_twin(store: Store, key: str, run_id: str) -> tuple[dict, list[dict]] | None:
+    """The summary and records of another finished run whose evaluation had this key (None when there is none),
+    marked as reused from it."""
+    source = store.evaluated(key, other_than=run_id)
+    if source is None:
+        return None
+    summary = store.metrics(source)["summary"]
+    return {**summary, "evaluation_reused_from": summary.get("evaluation_reused_from", source)}, store.examples(source)

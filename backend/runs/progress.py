@@ -85,12 +85,14 @@ def self_calibration_seconds(nsamples: int, seqlen: int, params: float = PRIOR_P
 
 
 def measured_rates(store: Store, model: str, device_type: str | None, calibration_self: bool) -> dict[str, float]:
-    """Seconds per unit of work of each kind of stage in the newest finished job of the same model on the same
-    device type (calibration only from a job that calibrated the same way)."""
+    """Seconds per unit of work of each kind of stage, from the newest finished job of the same model on the same
+    device type that ran it (calibration only from a job that calibrated the same way; a job that reused another
+    run's evaluation ran no evaluation stage)."""
     rows = store.db.execute(
         "SELECT j.timings, r.fingerprints, r.calibration FROM jobs j JOIN runs r ON r.run_id = j.run_id "
         "WHERE r.model = ? AND j.state = 'done' AND j.timings IS NOT NULL ORDER BY j.job_id DESC LIMIT 20",
         (model,)).fetchall()
+    found: dict[str, float] = {}
     for row in rows:
         origin = json.loads(row["fingerprints"]).get("provenance") or {}
         if origin.get("device_type") != device_type:
@@ -99,8 +101,9 @@ def measured_rates(store: Store, model: str, device_type: str | None, calibratio
                  if t.get("work")}
         if (row["calibration"] == "self") != calibration_self:
             rates.pop("calibration", None)
-        return rates
-    return {}
+        for key, rate in rates.items():
+            found.setdefault(key, rate)
+    return found
 
 
 class Cancelled(Exception):

@@ -63,6 +63,9 @@ class RecordingStore:
     def dense_result(self, key: str) -> dict | None:
         return self.snap.dense if key == self.snap.dense_key else None
 
+    def evaluated(self, key: str, other_than: str | None = None) -> str | None:
+        return None  # the snapshot carries no other run's evaluation: a remote job evaluates
+
     def run_folder(self, run_id: str) -> Path:
         """The run's folder under the artifact root; for an fsspec URL, a staging folder on this node whose
         artifacts save_artifact uploads."""

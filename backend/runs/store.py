@@ -273,6 +273,12 @@ class Store:
         row = self.db.execute("SELECT summary, prune FROM metrics WHERE run_id = ?", (run_id,)).fetchone()
         return {"summary": json.loads(row["summary"]), "prune": json.loads(row["prune"])} if row else None
 
+    def evaluated(self, key: str, other_than: str | None = None) -> str | None:
+        """A run whose evaluation had this key (backend/runs/jobs.py evaluation_key), if one is stored."""
+        row = self.db.execute("SELECT run_id FROM metrics WHERE json_extract(summary, '$.evaluation_key') = ? AND "
+                              "run_id != ? LIMIT 1", (key, other_than or "")).fetchone()
+        return row["run_id"] if row else None
+
     def layers(self, run_id: str) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM layers WHERE run_id = ? ORDER BY layer, rowid",
                                                  (run_id,))]
