@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -86,10 +87,14 @@ def divergence_from_logits(dense_logits: torch.Tensor, pruned_logits: torch.Tens
 
 
 def _scored_rows(model: torch.nn.Module, batch: list[torch.Tensor], positions: list[torch.Tensor],
-                 head_only: bool = False) -> torch.Tensor:
+                 head_only: bool = False, memo: dict | None = None) -> torch.Tensor:
     """One right-padded forward pass; only the scored positions' logits of each sequence, concatenated. With
-    `head_only` the output head runs on the scored positions' hidden states alone (prompt positions never get logits)."""
+    `head_only` the output head runs on the scored positions' hidden states alone (prompt positions never get logits),
+    and `memo` keeps those hidden states by the batch's tokens, so the same model on the same batch skips its forward."""
     device = next(model.parameters()).device
+    key = _batch_key(batch, positions) if memo is not None and head_only else None
+    if key is not None and key in memo:
+        return model.get_output_embeddings()(memo[key].to(device))
     longest = max(len(seq) for seq in batch)
     ids = torch.zeros(len(batch), longest, dtype=torch.long)
     mask = torch.zeros(len(batch), longest, dtype=torch.long)
@@ -99,11 +104,21 @@ def _scored_rows(model: torch.nn.Module, batch: list[torch.Tensor], positions: l
     if head_only:
         hidden = head_inputs(model, ids.to(device), attention_mask=mask.to(device))
         picked = torch.cat([hidden[row, where.to(hidden.device)] for row, where in enumerate(positions)])
+        if key is not None:
+            memo[key] = picked
         return model.get_output_embeddings()(picked)
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
     rows = torch.cat([logits[row, where.to(logits.device)] for row, where in enumerate(positions)])
     del logits
     return rows
+
+
+def _batch_key(batch: list[torch.Tensor], positions: list[torch.Tensor]) -> str:
+    """A digest of a batch's token ids and scored positions, in order."""
+    digest = hashlib.sha256()
+    for seq, where in zip(batch, positions):
+        digest.update(seq.numpy().tobytes() + b"|" + where.numpy().tobytes() + b"/")
+    return digest.hexdigest()
 
 
 def _sample_record(div: TokenDivergence) -> dict:
@@ -119,8 +134,12 @@ def _sample_record(div: TokenDivergence) -> dict:
 
 def model_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences: list[torch.Tensor],
                      scored: list[torch.Tensor], batch_size: int = 8, log2: bool = False, chunk: int = 1024,
-                     progress: Callable[[int, int], None] | None = None) -> DivergenceResult:
-    """Dense vs pruned next-token distributions at the scored positions of each sequence, batched with right padding."""
+                     progress: Callable[[int, int], None] | None = None,
+                     dense_memo: dict | None = None) -> DivergenceResult:
+    """Dense vs pruned next-token distributions at the scored positions of each sequence, batched with right padding.
+    `dense_memo`: a dict kept with THIS dense model (and given to no other), in which its hidden states at the scored
+    positions are kept by batch, so evaluating several pruned models on the same sequences runs the dense model once
+    (the logits, recomputed by its head from the very same states, are the same)."""
     if len(sequences) != len(scored):
         raise ValueError(f"{len(sequences)} sequences but {len(scored)} scored masks")
     if batch_size < 1:
@@ -141,7 +160,8 @@ def model_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences:
             kept = [row for row, seq in enumerate(batch) if len(seq) > 0]
             counts = [int(where.numel()) for where in positions]
             if kept and sum(counts):
-                dense_rows = _scored_rows(dense, [batch[r] for r in kept], [positions[r] for r in kept], head_only)
+                dense_rows = _scored_rows(dense, [batch[r] for r in kept], [positions[r] for r in kept], head_only,
+                                          dense_memo)
                 pruned_rows = _scored_rows(pruned, [batch[r] for r in kept], [positions[r] for r in kept], head_only)
                 div = divergence_from_logits(dense_rows, pruned_rows.to(dense_rows.device), log2=log2, chunk=chunk)
                 del dense_rows, pruned_rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,9 +33,20 @@ class Perplexity:
         return asdict(self)
 
 
+_STREAMS: list[tuple[object, str, torch.Tensor]] = []  # the last few (tokenizer, text digest, ids)
+
+
 def token_stream(texts: Sequence[str], tokenizer) -> torch.Tensor:
-    """Rows joined with blank lines and tokenized as one stream with no special tokens added."""
-    return torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids, dtype=torch.long)
+    """Rows joined with blank lines and tokenized as one stream with no special tokens added; the last few streams
+    are kept, so a worker scoring many models on one text with one tokenizer tokenizes it once."""
+    text = "\n\n".join(texts)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    for kept, known, ids in _STREAMS:
+        if kept is tokenizer and known == digest:
+            return ids
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    _STREAMS[:] = [(tokenizer, digest, ids), *_STREAMS[:3]]
+    return ids
 
 
 def window_nll(model: torch.nn.Module, ids: torch.Tensor, chunked: bool, rows: int = 256) -> torch.Tensor:

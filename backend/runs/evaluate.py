@@ -201,11 +201,13 @@ def divergence_on_answers(dense: LoadedModel, pruned: LoadedModel, records: list
 
 def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, data_dir: str | None = None,
              log: Log = lambda _m: None, progress: StageProgress = lambda _stage, _done, _total: None,
-             dense_side: dict | None = None, judge_key: str | None = None) -> tuple[dict, list[dict]]:
+             dense_side: dict | None = None, judge_key: str | None = None,
+             dense_memo: dict | None = None) -> tuple[dict, list[dict]]:
     """Returns the summary (dense and pruned metrics, divergences, seconds, and each metric's per-unit values with
     its 95% bootstrap interval, see backend/runs/uncertainty.py) and the per-example records;
     `progress(stage, done, total)` is called as each stage advances. `dense_side`, from `measure_side` on the
-    dense model with the same settings, skips recomputing it."""
+    dense model with the same settings, skips recomputing it; `dense_memo`, a dict kept with the dense model, lets
+    the divergence reuse the dense model's states on the records across calls (see model_divergence)."""
     settings.check()
     if dense_side is None:
         dense_side = measure_side(dense, settings, "dense", data_dir, log, progress, judge_key)
@@ -227,7 +229,7 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
                                            settings.response_only)
         started = time.perf_counter()
         result = model_divergence(dense.model, pruned.model, sequences, scored, batch_size=8, log2=settings.log2,
-                                  progress=lambda d, n: progress("divergence", d, n))
+                                  progress=lambda d, n: progress("divergence", d, n), dense_memo=dense_memo)
         summary["seconds"]["divergence"] = time.perf_counter() - started
         divergence_samples = result.per_sample
         for key in ("jsd", "kl_dense_pruned", "kl_pruned_dense", "flip_rate"):

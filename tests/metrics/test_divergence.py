@@ -145,6 +145,29 @@ def test_model_divergence_matches_unbatched_float64(models):
     assert result.jsd > 1e-4
 
 
+def test_a_dense_memo_runs_the_dense_model_once_and_changes_no_number(models):
+    """Two pruned models against one dense model on the same sequences, with a memo: the dense body runs on the
+    batches for the first only, and each result equals the one computed without the memo, bit for bit."""
+    dense, pruned = models
+    sequences, masks = sequences_and_masks()
+    forwards: list[int] = []
+    handle = dense.model.register_forward_hook(lambda *_: forwards.append(1))
+    memo: dict = {}
+    counts = []
+    try:
+        for other in (pruned, tiny_llama(2)):
+            plain = model_divergence(dense, other, sequences, masks, batch_size=4)
+            forwards.clear()
+            kept = model_divergence(dense, other, sequences, masks, batch_size=4, dense_memo=memo)
+            assert kept.per_sample == plain.per_sample and kept.jsd == plain.jsd
+            counts.append(len(forwards))
+        assert counts[1] == counts[0] - 2 and len(memo) == 2  # two batches of four, run once
+        model_divergence(dense, pruned, sequences, masks, batch_size=3, dense_memo=memo)
+        assert len(memo) == 4  # other batches are other keys, never a stale match
+    finally:
+        handle.remove()
+
+
 def test_padding_does_not_change_results(models):
     dense, pruned = models
     sequences, masks = sequences_and_masks()
