@@ -1,0 +1,174 @@
+"""A fixed small study timed on this commit and on an older one, in one invocation, as issue 17 asks.
+
+The study: the embedded model, magnitude / Wanda / SparseGPT at 50% x calibrations C4 and Alpaca (16 x 512 tokens),
+each run evaluated on WikiText-2 perplexity (512 x 5), JS divergence on 20 Alpaca records and greedy answers to 20
+Unnatural Instructions (EOS stops them, 32 new tokens at most). Each side runs it through its own CLI
+(`python -m backend sweep`) into a fresh store, old and new alternating for --rounds rounds; the old side runs from
+a git worktree of --old (removed at the end). Printed: each side's whole-study wall seconds and per-stage seconds
+summed over the study's jobs (from the store's job timings), and new/old ratios; whether both studies measured the
+same numbers; then, on this commit: propagation tokens/s inside pruning against the raw forward of the same decoder
+layers on the same tokens, and greedy generation of 64 Unnatural answers at batch 16 against batch 1.
+
+    python bench/study_bench.py --old COMMIT [--rounds 1] [--data-dir ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ("--model", "smollm2-135m", "--methods", "magnitude", "wanda", "sparsegpt", "--sparsities", "0.5",
+         "--calibrations", "c4", "alpaca", "--nsamples", "16", "--seqlen", "512", "--ppl", "wikitext2",
+         "--ppl-seqlen", "512", "--ppl-windows", "5", "--jsd", "alpaca", "--tasks", "unnatural", "--limit", "20",
+         "--max-new-tokens", "32")
+SAME = ("overall_sparsity", "dense_ppl", "pruned_ppl", "jsd", "flip_rate", "dense_f1", "pruned_f1")
+
+
+def study(tree: Path, data_dir: str, store: Path) -> dict:
+    """The study through `tree`'s own CLI into a new store: wall seconds, per-stage seconds, each run's numbers."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "PRUNESCOPE_EXECUTOR": "local"}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "backend", "sweep", *STUDY, "--data-dir", data_dir, "--store",
+                           str(store), "--json"], cwd=tree, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"the study failed in {tree}:\n{done.stderr[-3000:]}")
+    subprocess.run([sys.executable, "-m", "backend", "worker", "--store", str(store), "--idle-exit", "0"], cwd=tree,
+                   env=env, capture_output=True)
+    db = sqlite3.connect(store / "prunescope.db") if (store / "prunescope.db").exists() else None
+    stages: dict[str, float] = defaultdict(float)
+    if db is not None:
+        for (timings,) in db.execute("SELECT timings FROM jobs WHERE timings IS NOT NULL"):
+            for stage, value in json.loads(timings).items():
+                stages[stage] += value["seconds"] if isinstance(value, dict) else float(value)
+    runs = {r["run_id"]: r for r in json.loads(done.stdout)["runs"]}
+    return {"wall": wall, "stages": dict(stages), "runs": runs}
+
+
+def compare(old: dict, new: dict) -> list[str]:
+    """Where the two studies measured different numbers (the same run ids are the same experiments)."""
+    found = []
+    for rid, run in new["runs"].items():
+        other = old["runs"].get(rid)
+        if other is None:
+            found.append(f"run {rid[:8]} only on the new side")
+            continue
+        for key in SAME:
+            a, b = other.get(key), run.get(key)
+            if (a is None) != (b is None) or (a is not None and abs(a - b) > 1e-6 * max(1.0, abs(a))):
+                found.append(f"run {rid[:8]} {key}: old {a} new {b}")
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--old", required=True, help="the commit to compare with (a git worktree of it is made)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--data-dir", default=os.environ.get("PRUNESCOPE_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--skip-parts", action="store_true", help="only the whole study, not the propagation and "
+                                                                   "generation figures")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="prunescope-study-bench-"))
+    old_tree = work / "old"
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(old_tree), args.old], cwd=ROOT, check=True)
+    try:
+        sides: dict[str, list[dict]] = {"old": [], "new": []}
+        for round_ in range(args.rounds):
+            for name, tree in (("old", old_tree), ("new", ROOT)):
+                result = study(tree, args.data_dir, work / f"{name}-{round_}")
+                sides[name].append(result)
+                print(f"round {round_ + 1} {name}: {result['wall']:.1f} s", flush=True)
+        report(sides, args.old)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], cwd=ROOT, capture_output=True)
+        subprocess.run(["rm", "-rf", str(work)])
+    if not args.skip_parts:
+        propagation_ratio(args.data_dir)
+        generation_ratio(args.data_dir)
+
+
+def propagation_ratio(data_dir: str) -> None:
+    """Propagation inside pruning (the layers' forwards, the hooks' own seconds excluded) against a plain forward of
+    the same decoder layers on the same calibration tokens, mini-batches and arguments, in this process."""
+    import torch
+
+    from backend.sources.calibration import build_calibration, open_source
+    from backend.sources.models import load
+    from compression.driver import auto_batch_size, prune_model
+    from compression.layers import call_layer, capture_layer_inputs, decoder_layers
+    from compression.methods import create
+
+    lm = load("smollm2-135m", "cpu", "float32")
+    windows = build_calibration(open_source("c4", data_dir), lm.model, lm.tokenizer, 16, 512, 0, "alpaca")
+    _, layers = decoder_layers(lm.model)
+    batch = auto_batch_size(lm.model, 16, 512, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        inputs = capture_layer_inputs(lm.model, layers, list(windows.split(batch)), torch.device("cpu"))
+        hidden = inputs.hidden
+        started = time.perf_counter()
+        for i, layer in enumerate(layers):
+            hidden = [call_layer(layer, h, a, k) for h, a, k in zip(hidden, inputs.args[i], inputs.kwargs[i])]
+        raw = time.perf_counter() - started
+    tokens = windows.numel() * len(layers)
+    print(f"\nraw forward of the {len(layers)} decoder layers on 16 x 512 C4 tokens (mini-batches of {batch}): "
+          f"{raw:.1f} s, {tokens / raw:.0f} layer-tokens/s")
+    for method in ("wanda", "sparsegpt"):
+        model = load("smollm2-135m", "cpu", "float32").model
+        report = prune_model(model, windows, create(method, sparsity=0.5), batch_size=batch)
+        seconds = report.stages["propagation"]
+        print(f"{method} sequential: propagation {seconds:.1f} s, {tokens / seconds:.0f} layer-tokens/s = "
+              f"{raw / seconds:.2f}x raw forward (target >= 0.8x); statistics {report.stages.get('statistics', 0):.1f} "
+              f"s, pruning {report.stages.get('pruning', 0):.1f} s")
+
+
+def generation_ratio(data_dir: str, count: int = 64) -> None:
+    """Greedy answers to `count` Unnatural prompts, EOS stopping them: tokens/s at batch 16 against batch 1."""
+    from backend.sources.datasets import load_source
+    from backend.sources.models import load
+    from metrics.generation import generate_ids
+    from metrics.prompts import prompt_renderer
+
+    lm = load("smollm2-135m", "cpu", "float32")
+    records = load_source("unnatural", data_dir, limit=count).items
+    prompts = [prompt_renderer("chat" if lm.tokenizer.chat_template else "unnatural", lm.tokenizer)(r)
+               for r in records]
+    speeds, answers = {}, {}
+    for size in (1, 16):
+        started = time.perf_counter()
+        answers[size] = generate_ids(lm.model, lm.tokenizer, prompts, max_new_tokens=32, batch_size=size)
+        speeds[size] = sum(map(len, answers[size])) / (time.perf_counter() - started)
+    print(f"greedy generation of {count} Unnatural answers (EOS stops them, 32 new tokens at most): batch 16 "
+          f"{speeds[16]:.0f} tokens/s vs batch 1 {speeds[1]:.0f} tokens/s: {speeds[16] / speeds[1]:.2f}x (target "
+          f">= 4x); the same answers: {'yes' if answers[1] == answers[16] else 'NO'}")
+
+
+def report(sides: dict[str, list[dict]], old: str) -> None:
+    mean = lambda values: sum(values) / len(values)
+    old_wall, new_wall = mean([r["wall"] for r in sides["old"]]), mean([r["wall"] for r in sides["new"]])
+    print(f"\nthe study (6 runs; mean of {len(sides['new'])} round(s)): old {old[:10]} {old_wall:.1f} s, new "
+          f"{new_wall:.1f} s: new/old {new_wall / old_wall:.2f}x (target <= 0.5x)")
+    stages = sorted({s for side in sides.values() for r in side for s in r["stages"]},
+                    key=lambda s: -mean([r["stages"].get(s, 0.0) for r in sides["old"]]))
+    print(f"{'stage (summed over jobs)':<28}{'old s':>9}{'new s':>9}{'new/old':>9}")
+    for stage in stages:
+        a = mean([r["stages"].get(stage, 0.0) for r in sides["old"]])
+        b = mean([r["stages"].get(stage, 0.0) for r in sides["new"]])
+        print(f"{stage:<28}{a:>9.1f}{b:>9.1f}{(b / a if a else float('nan')):>9.2f}")
+    different = compare(sides["old"][0], sides["new"][0])
+    print("same numbers on both sides (sparsity, perplexities, JS, flips, F1): "
+          + ("yes" if not different else "NO: " + "; ".join(different[:6])))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
