@@ -3,6 +3,7 @@ a row from the batch as soon as its answer ends, so finished answers cost nothin
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -72,13 +73,13 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_ne
     for the rows still answering; a row whose token is a stop leaves the batch (its cache rows with it)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = {cache_argument(model): DynamicCache(config=model.config)}
     answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
     alive = torch.arange(ids.shape[0], device=ids.device)
     stop = torch.tensor(stops, dtype=torch.long, device=ids.device)
     position = mask.long().cumsum(-1) - 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), use_cache=True,
+                   logits_to_keep=1, **cache).logits[:, -1]
     position = position[:, -1]
     for step in range(max_new_tokens):
         if step < min_new_tokens and len(stops):
@@ -95,13 +96,19 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_ne
             break
         if not bool(going.all()):
             keep = going.nonzero()[:, 0]
-            cache.batch_select_indices(keep)
+            next(iter(cache.values())).batch_select_indices(keep)
             alive, token, mask, position = alive[keep], token[keep], mask[keep], position[keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         position = position + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], use_cache=True,
+                       **cache).logits[:, -1]
     return answers
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which the model's forward takes its KV cache (transformers 5 renames past_key_values to
+    cache; remote-code models may still use the old name)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
