@@ -44,28 +44,36 @@ def study(tree: Path, data_dir: str, store: Path) -> dict:
         raise SystemExit(f"the study failed in {tree}:\n{done.stderr[-3000:]}")
     subprocess.run([sys.executable, "-m", "backend", "worker", "--store", str(store), "--idle-exit", "0"], cwd=tree,
                    env=env, capture_output=True)
-    db = sqlite3.connect(store / "prunescope.db") if (store / "prunescope.db").exists() else None
+    db = sqlite3.connect(store / "prunescope.db")
     stages: dict[str, float] = defaultdict(float)
-    if db is not None:
-        for (timings,) in db.execute("SELECT timings FROM jobs WHERE timings IS NOT NULL"):
-            for stage, value in json.loads(timings).items():
-                stages[stage] += value["seconds"] if isinstance(value, dict) else float(value)
+    ended = db.execute("SELECT state, message FROM jobs WHERE state != 'done'").fetchall()
+    jobs = db.execute("SELECT timings FROM jobs WHERE state = 'done'").fetchall()
+    for (timings,) in jobs:
+        for stage, value in json.loads(timings or "{}").items():
+            stages[stage] += value["seconds"]
+    db.close()
     runs = {r["run_id"]: r for r in json.loads(done.stdout)["runs"]}
-    return {"wall": wall, "stages": dict(stages), "runs": runs}
+    if len(jobs) != len(runs) or not all(r["state"] == "done" for r in runs.values()):
+        raise SystemExit(f"the study in {tree} ended with {len(jobs)} finished jobs for {len(runs)} runs; the others: "
+                         + "; ".join(f"{state}: {message}" for state, message in ended[:4]))
+    return {"wall": wall, "stages": dict(stages), "runs": runs, "jobs": len(jobs)}
 
 
 def compare(old: dict, new: dict) -> list[str]:
-    """Where the two studies measured different numbers (the same run ids are the same experiments)."""
+    """Where the two studies measured different numbers, run by run (matched by method and calibration: the run
+    ids differ, since an id includes the code's version)."""
+    cell = lambda run: (run["method"], run["calibration"])
+    olds = {cell(r): r for r in old["runs"].values()}
     found = []
-    for rid, run in new["runs"].items():
-        other = old["runs"].get(rid)
+    for run in new["runs"].values():
+        other = olds.get(cell(run))
         if other is None:
-            found.append(f"run {rid[:8]} only on the new side")
+            found.append(f"{cell(run)} only on the new side")
             continue
         for key in SAME:
             a, b = other.get(key), run.get(key)
             if (a is None) != (b is None) or (a is not None and abs(a - b) > 1e-6 * max(1.0, abs(a))):
-                found.append(f"run {rid[:8]} {key}: old {a} new {b}")
+                found.append(f"{' x '.join(cell(run))} {key}: old {a} new {b}")
     return found
 
 
@@ -86,7 +94,8 @@ def main() -> None:
             for name, tree in (("old", old_tree), ("new", ROOT)):
                 result = study(tree, args.data_dir, work / f"{name}-{round_}")
                 sides[name].append(result)
-                print(f"round {round_ + 1} {name}: {result['wall']:.1f} s", flush=True)
+                print(f"round {round_ + 1} {name}: {result['wall']:.1f} s, {result['jobs']} jobs, stages summed "
+                      f"{sum(result['stages'].values()):.1f} s", flush=True)
         report(sides, args.old)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], cwd=ROOT, capture_output=True)
