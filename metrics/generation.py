@@ -73,7 +73,8 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_ne
     for the rows still answering; a row whose token is a stop leaves the batch (its cache rows with it)."""
     from transformers import DynamicCache
 
-    cache = {cache_argument(model): DynamicCache(config=model.config)}
+    kv = DynamicCache(config=model.config)
+    cache = {cache_argument(model): kv}
     answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
     alive = torch.arange(ids.shape[0], device=ids.device)
     stop = torch.tensor(stops, dtype=torch.long, device=ids.device)
@@ -96,7 +97,7 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_ne
             break
         if not bool(going.all()):
             keep = going.nonzero()[:, 0]
-            next(iter(cache.values())).batch_select_indices(keep)
+            kv.batch_select_indices(keep)
             alive, token, mask, position = alive[keep], token[keep], mask[keep], position[keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         position = position + 1
