@@ -1,9 +1,11 @@
-"""Batched greedy generation with left padding, for task scores: a decode loop over transformers' cache that drops
-a row from the batch as soon as its answer ends, so finished answers cost nothing while the others go on."""
+"""Batched greedy generation with left padding, for task scores: prompts prefilled in small batches of similar
+length, then decoded together in a loop over transformers' cache that drops a row from the batch as soon as its answer
+ends, so finished answers cost nothing while the others go on."""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,15 +31,36 @@ def answer_texts(tokenizer, answers: list[list[int]], stops: list[int]) -> list[
             for ids in answers]
 
 
+DECODE_ROWS = 64
+CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class Prefilled:
+    """A left-padded batch after its prompt forward: the prompts' indices, ids and attention mask, each row's last
+    position, the KV cache and the first next-token logits."""
+    rows: list[int]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    position: torch.Tensor
+    kv: object
+    logits: torch.Tensor
+
+
 def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32,
                  batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
-                 min_new_tokens: int = 0, streamer=None) -> list[list[int]]:
-    """Greedy answers' token ids, stopping at any of `stop_ids`; each row keeps the stop token that ended it. Prompts
-    are sorted by length so each batch carries little padding; the answers come back in the prompts' order.
-    Special tokens in a prompt's text (a chat template) are kept. `streamer` (a transformers streamer) sees every
-    decoding step's tokens of the rows still answering, for progress inside a batch."""
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens {max_new_tokens} and batch_size {batch_size} must both be at least 1")
+                 min_new_tokens: int = 0, streamer=None, decode_rows: int = DECODE_ROWS) -> list[list[int]]:
+    """Greedy answers' token ids, stopping at any of `stop_ids`; each row keeps the stop token that ended it.
+
+    Prompts are sorted by length and prefilled `batch_size` at a time, so each prompt forward carries little padding;
+    consecutive prefilled batches are then decoded together, up to `decode_rows` rows (their caches left-padded into
+    one, within CACHE_BYTES), since a decoding step costs little more for 64 rows than for 16 while a prompt forward
+    gains little from more rows. The answers come back in the prompts' order. Special tokens in a prompt's text (a chat
+    template) are kept. `streamer` (a transformers streamer) sees every decoding step's tokens of the rows still
+    answering; `progress(done, total)` counts the prompts answered."""
+    if max_new_tokens < 1 or batch_size < 1 or decode_rows < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens}, batch_size {batch_size} and decode_rows {decode_rows} "
+                         "must all be at least 1")
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
@@ -46,42 +69,97 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[list[int]] = [[] for _ in prompts]
+    pending: list[Prefilled] = []
+    answered = 0
+
+    def decode_pending() -> None:
+        nonlocal answered
+        state = merged(pending, pad)
+        pending.clear()
+        if streamer is not None:
+            streamer.put(state.ids)
+        for row, answer in zip(state.rows, decode(model, state, max_new_tokens, min_new_tokens, stops, streamer)):
+            answers[row] = answer
+        if streamer is not None:
+            streamer.end()
+        answered += len(state.rows)
+        if progress:
+            progress(answered, len(order))
+
+    if progress:
+        progress(0, len(order))
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]):] = 1
-            if streamer is not None:
-                streamer.put(ids)
-            for r, answer in enumerate(greedy(model, ids.to(device), mask.to(device), max_new_tokens, min_new_tokens,
-                                              stops, streamer)):
-                answers[rows[r]] = answer
-            if streamer is not None:
-                streamer.end()
-            if progress:
-                progress(min(start + batch_size, len(order)), len(order))
+            state = prefill(model, order[start:start + batch_size], encoded, pad, device)
+            if pending and not joins(pending, state, decode_rows, max_new_tokens):
+                decode_pending()
+            pending.append(state)
+        if pending:
+            decode_pending()
     return answers
 
 
-def greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, min_new_tokens: int,
-           stops: list[int], streamer=None) -> list[list[int]]:
-    """One left-padded batch decoded greedily over a DynamicCache: the prompt in one forward, then a token per step
-    for the rows still answering; a row whose token is a stop leaves the batch (its cache rows with it)."""
+def prefill(model: torch.nn.Module, rows: list[int], encoded: list[list[int]], pad: int,
+            device: torch.device) -> Prefilled:
+    """The prompts `rows` of `encoded`, left-padded to the longest, through one forward that fills a DynamicCache
+    and keeps only the last position's logits."""
     from transformers import DynamicCache
 
+    width = max(len(encoded[i]) for i in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, i in enumerate(rows):
+        ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+        mask[r, width - len(encoded[i]):] = 1
+    ids, mask = ids.to(device), mask.to(device)
     kv = DynamicCache(config=model.config)
-    cache = {cache_argument(model): kv}
-    answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
-    alive = torch.arange(ids.shape[0], device=ids.device)
-    stop = torch.tensor(stops, dtype=torch.long, device=ids.device)
-    position = mask.long().cumsum(-1) - 1
+    position = mask.cumsum(-1) - 1
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), use_cache=True,
-                   logits_to_keep=1, **cache).logits[:, -1]
-    position = position[:, -1]
+                   logits_to_keep=1, **{cache_argument(model): kv}).logits[:, -1]
+    return Prefilled(list(rows), ids, mask, position[:, -1], kv, logits)
+
+
+def joins(pending: list[Prefilled], state: Prefilled, decode_rows: int, max_new_tokens: int) -> bool:
+    """Whether `state` can be decoded together with `pending`: every cache layer a plain growing one (a sliding
+    window or linear-attention layer keeps other state, so such batches decode alone), at most `decode_rows` rows,
+    and the merged cache, grown by `max_new_tokens`, within CACHE_BYTES."""
+    from transformers.cache_utils import DynamicLayer
+
+    batches = [*pending, state]
+    if not all(type(layer) is DynamicLayer and layer.is_initialized for b in batches for layer in b.kv.layers):
+        return False
+    rows = sum(len(b.rows) for b in batches)
+    width = max(b.mask.shape[1] for b in batches) + max_new_tokens
+    row_token_bytes = sum(t.numel() * t.element_size() for layer in state.kv.layers
+                          for t in (layer.keys, layer.values)) / state.mask.numel()
+    return rows <= decode_rows and rows * width * row_token_bytes <= CACHE_BYTES
+
+
+def merged(batches: list[Prefilled], pad: int) -> Prefilled:
+    """Prefilled batches as one: ids, masks, keys and values left-padded to the widest (padding is masked out)."""
+    if len(batches) == 1:
+        return batches[0]
+    width = max(b.mask.shape[1] for b in batches)
+    left = lambda t, value=0: torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+    along = lambda t: torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))
+    kv = batches[0].kv
+    for i, layer in enumerate(kv.layers):
+        layer.keys = torch.cat([along(b.kv.layers[i].keys) for b in batches])
+        layer.values = torch.cat([along(b.kv.layers[i].values) for b in batches])
+    return Prefilled([r for b in batches for r in b.rows], torch.cat([left(b.ids, pad) for b in batches]),
+                     torch.cat([left(b.mask) for b in batches]), torch.cat([b.position for b in batches]), kv,
+                     torch.cat([b.logits for b in batches]))
+
+
+def decode(model: torch.nn.Module, state: Prefilled, max_new_tokens: int, min_new_tokens: int, stops: list[int],
+           streamer=None) -> list[list[int]]:
+    """Greedy decoding of a prefilled batch, a token per step for the rows still answering; a row whose token is a
+    stop leaves the batch (its cache rows with it)."""
+    kv, mask, position, logits = state.kv, state.mask, state.position, state.logits
+    cache = {cache_argument(model): kv}
+    answers: list[list[int]] = [[] for _ in state.rows]
+    alive = torch.arange(len(state.rows), device=mask.device)
+    stop = torch.tensor(stops, dtype=torch.long, device=mask.device)
     for step in range(max_new_tokens):
         if step < min_new_tokens and len(stops):
             logits[:, stop] = -float("inf")
@@ -113,7 +191,9 @@ def cache_argument(model: torch.nn.Module) -> str:
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
-             progress: Callable[[int, int], None] | None = None, min_new_tokens: int = 0) -> list[str]:
+             progress: Callable[[int, int], None] | None = None, min_new_tokens: int = 0,
+             decode_rows: int = DECODE_ROWS) -> list[str]:
     """Greedy answers as text, from `generate_ids` in the prompts' order."""
-    answers = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, progress, min_new_tokens)
+    answers = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, progress, min_new_tokens,
+                           decode_rows=decode_rows)
     return answer_texts(tokenizer, answers, stop_ids(model, tokenizer))

@@ -62,16 +62,38 @@ def test_answers_that_end_at_different_steps_equal_the_librarys_generate(arch, t
     assert len(lengths) > 2 and any(a[-1] == tokenizer.eos_token_id for a in ours), lengths
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3_moe"])
+def test_batches_prefilled_apart_are_decoded_together_within_decode_rows(arch, tokenizer):
+    """Seven prompts prefilled three at a time are decoded as one batch of seven (a forward of seven rows per step),
+    or in groups of at most `decode_rows`; the answers equal the library's either way."""
+    model = tiny_model(arch, vocab=len(tokenizer), seed=4)
+    prompts = PROMPTS + ["Count to ten:", "A long prompt that pads the others in its batch a fair amount, surely"]
+    expected = library_greedy(model, tokenizer, prompts, 12)
+    assert all(len(answer) == 12 for answer in expected)
+    steps: list[int] = []
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda _m, args: steps.append(args[0].shape[0]) if args[0].shape[1] == 1 else None)
+    assert generate_ids(model, tokenizer, prompts, max_new_tokens=12, batch_size=3) == expected
+    assert steps == [7] * 11
+    steps.clear()
+    assert generate_ids(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, decode_rows=6) == expected
+    assert steps == [6] * 11 + [1] * 11
+
+
 def test_min_new_tokens_holds_eos_back_and_progress_counts_prompts(tokenizer):
     model = tiny_model("llama", vocab=len(tokenizer), seed=2)
     eos = torch.tensor([tokenizer.eos_token_id])
     model.lm_head.register_forward_hook(lambda _m, _i, logits: logits.index_fill(-1, eos, 1e4))
     assert generate(model, tokenizer, PROMPTS, max_new_tokens=5) == [""] * len(PROMPTS)
     seen = []
-    answers = generate(model, tokenizer, PROMPTS, max_new_tokens=5, min_new_tokens=3, batch_size=2,
+    answers = generate(model, tokenizer, PROMPTS, max_new_tokens=5, min_new_tokens=3, batch_size=2, decode_rows=2,
                        progress=lambda done, total: seen.append((done, total)))
     assert all(answers)
-    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert seen == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    seen.clear()
+    assert generate(model, tokenizer, PROMPTS, max_new_tokens=5, min_new_tokens=3, batch_size=2,
+                    progress=lambda done, total: seen.append((done, total))) == answers
+    assert seen == [(0, 5), (5, 5)]
 
 
 def test_generation_stops_at_eos(tokenizer):
