@@ -136,8 +136,8 @@ def model_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences:
                      scored: list[torch.Tensor], batch_size: int = 8, log2: bool = False, chunk: int = 1024,
                      progress: Callable[[int, int], None] | None = None,
                      dense_memo: dict | None = None) -> DivergenceResult:
-    """Dense vs pruned next-token distributions at the scored positions of each sequence, batched with right padding.
-    `dense_memo`: a dict kept with THIS dense model (and given to no other), in which its hidden states at the scored
+    """Dense vs pruned next-token distributions at the scored positions of each sequence, batched with right padding
+    in order of length (so a batch carries little padding; per_sample stays in the sequences' order). `dense_memo`: a dict kept with THIS dense model (and given to no other), in which its hidden states at the scored
     positions are kept by batch, so evaluating several pruned models on the same sequences runs the dense model once
     (the logits, recomputed by its head from the very same states, are the same)."""
     if len(sequences) != len(scored):
@@ -148,15 +148,19 @@ def model_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences:
         if seq.dim() != 1 or mask.shape != seq.shape:
             raise ValueError(f"sequence {index}: need 1-D token ids and a scored mask of the same length, "
                              f"got {tuple(seq.shape)} and {tuple(mask.shape)}")
-    per_sample: list[dict] = []
+    per_sample: list[dict | None] = [None] * len(sequences)
     total = len(sequences)
+    order = sorted(range(total), key=lambda i: len(sequences[i]))
+    if progress:
+        progress(0, total)
     with torch.no_grad():
         probe = next((seq[None].long() for seq in sequences if len(seq) > 0), None)
         head_only = probe is not None and all(
             chunked_head_matches(m, probe.to(next(m.parameters()).device)) for m in (dense, pruned))
         for start in range(0, total, batch_size):
-            batch = [seq.long().cpu() for seq in sequences[start:start + batch_size]]
-            positions = [mask.bool().cpu().nonzero().flatten() for mask in scored[start:start + batch_size]]
+            rows = order[start:start + batch_size]
+            batch = [sequences[i].long().cpu() for i in rows]
+            positions = [scored[i].bool().cpu().nonzero().flatten() for i in rows]
             kept = [row for row, seq in enumerate(batch) if len(seq) > 0]
             counts = [int(where.numel()) for where in positions]
             if kept and sum(counts):
@@ -169,10 +173,10 @@ def model_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences:
             else:
                 div = divergence_from_logits(torch.zeros(0, 1), torch.zeros(0, 1))
             offset = 0
-            for count in counts:
+            for index, count in zip(rows, counts):
                 piece = {name: value[offset:offset + count] for name, value in div.items()}
-                per_sample.append(_sample_record(TokenDivergence(piece["jsd"], piece["kl_dense_pruned"],
-                                                                 piece["kl_pruned_dense"], piece["flip"])))
+                per_sample[index] = _sample_record(TokenDivergence(piece["jsd"], piece["kl_dense_pruned"],
+                                                                   piece["kl_pruned_dense"], piece["flip"]))
                 offset += count
             if progress:
                 progress(min(start + batch_size, total), total)
