@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+_MATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether its head can be run apart
 
 
 class _Stop(Exception):
@@ -29,8 +33,13 @@ def head_inputs(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Te
 
 def chunked_head_matches(model: torch.nn.Module, ids: torch.Tensor) -> bool:
     """Whether applying the output head to captured hidden states reproduces the model's own logits (false for
-    models that post-process logits, e.g. soft-capping); checked once on a few tokens."""
-    probe = ids[:1, :8]
-    expected = model(input_ids=probe, use_cache=False).logits.float()
-    ours = model.get_output_embeddings()(head_inputs(model, probe)).float()
-    return ours.shape == expected.shape and torch.allclose(ours, expected, rtol=1e-4, atol=1e-4)
+    models that post-process logits, e.g. soft-capping); checked once per model on a few tokens (a property of its
+    forward code, not of its weights)."""
+    known = _MATCHES.get(model)
+    if known is None:
+        probe = ids[:1, :8]
+        expected = model(input_ids=probe, use_cache=False).logits.float()
+        ours = model.get_output_embeddings()(head_inputs(model, probe)).float()
+        known = _MATCHES[model] = ours.shape == expected.shape and torch.allclose(ours, expected, rtol=1e-4,
+                                                                                   atol=1e-4)
+    return known

@@ -91,6 +91,8 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], seqlen: 
     device = next(model.parameters()).device
     sums = []
     started = time.perf_counter()
+    if progress:
+        progress(0, count)
     with torch.no_grad():
         chunked = chunked_head_matches(model, ids.to(device))
         for start in range(0, count, batch):

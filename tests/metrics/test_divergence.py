@@ -124,7 +124,7 @@ def test_model_divergence_matches_unbatched_float64(models):
     sequences, masks = sequences_and_masks()
     calls = []
     result = model_divergence(dense, pruned, sequences, masks, batch_size=3, progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(3, 6), (6, 6)]
+    assert calls == [(0, 6), (3, 6), (6, 6)]
     assert [s["scored_tokens"] for s in result.per_sample] == [int(m.sum()) for m in masks]
     assert result.per_sample[2]["skipped"] and result.skipped == 1 and result.samples == 6
     used = []
