@@ -7,9 +7,9 @@ Unnatural Instructions (EOS stops them, 32 new tokens at most). Each side runs i
 a git worktree of --old (removed at the end). Printed: each side's whole-study wall seconds and per-stage seconds
 summed over the study's jobs (from the store's job timings), and new/old ratios; whether both studies measured the
 same numbers; then, on this commit: propagation tokens/s inside pruning against the raw forward of the same decoder
-layers on the same tokens, and greedy generation of 64 Unnatural answers at batch 16 against batch 1.
+layers on the same tokens, and greedy generation of 64 Unnatural answers against one prompt at a time.
 
-    python bench/study_bench.py --old COMMIT [--rounds 1] [--data-dir ../shared/data]
+    python bench/study_bench.py --old COMMIT [COMMIT ...] [--rounds 1] [--data-dir ../shared/data]
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def study(tree: Path, data_dir: str, store: Path) -> dict:
     db = sqlite3.connect(store / "prunescope.db")
     stages: dict[str, float] = defaultdict(float)
     ended = db.execute("SELECT state, message FROM jobs WHERE state != 'done'").fetchall()
-    jobs = db.execute("SELECT timings FROM jobs WHERE state = 'done'").fetchall()
+    timed = "timings" in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    jobs = db.execute(f"SELECT {'timings' if timed else 'NULL'} FROM jobs WHERE state = 'done'").fetchall()
     for (timings,) in jobs:
         for stage, value in json.loads(timings or "{}").items():
             stages[stage] += value["seconds"]
@@ -79,26 +80,30 @@ def compare(old: dict, new: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--old", required=True, help="the commit to compare with (a git worktree of it is made)")
+    parser.add_argument("--old", required=True, nargs="+", help="the commit(s) to compare with (a git worktree of "
+                                                                   "each is made)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--data-dir", default=os.environ.get("PRUNESCOPE_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--skip-parts", action="store_true", help="only the whole study, not the propagation and "
                                                                    "generation figures")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="prunescope-study-bench-"))
-    old_tree = work / "old"
-    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(old_tree), args.old], cwd=ROOT, check=True)
+    trees = {commit: work / f"old-{i}" for i, commit in enumerate(args.old)}
+    for commit, tree in trees.items():
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), commit], cwd=ROOT, check=True)
     try:
-        sides: dict[str, list[dict]] = {"old": [], "new": []}
+        sides: dict[str, list[dict]] = {name: [] for name in [*trees, "new"]}
         for round_ in range(args.rounds):
-            for name, tree in (("old", old_tree), ("new", ROOT)):
-                result = study(tree, args.data_dir, work / f"{name}-{round_}")
+            for name, tree in [*trees.items(), ("new", ROOT)]:
+                result = study(tree, args.data_dir, work / f"{Path(tree).name}-{round_}")
                 sides[name].append(result)
                 print(f"round {round_ + 1} {name}: {result['wall']:.1f} s, {result['jobs']} jobs, stages summed "
                       f"{sum(result['stages'].values()):.1f} s", flush=True)
-        report(sides, args.old)
+        for commit in trees:
+            report({"old": sides[commit], "new": sides["new"]}, commit)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], cwd=ROOT, capture_output=True)
+        for tree in trees.values():
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
         subprocess.run(["rm", "-rf", str(work)])
     if not args.skip_parts:
         propagation_ratio(args.data_dir)
@@ -140,10 +145,11 @@ def propagation_ratio(data_dir: str) -> None:
 
 
 def generation_ratio(data_dir: str, count: int = 64) -> None:
-    """Greedy answers to `count` Unnatural prompts, EOS stopping them: tokens/s at batch 16 against batch 1."""
+    """Greedy answers to `count` Unnatural prompts, EOS stopping them: tokens/s of the evaluation's path (prefilled
+    16 at a time, decoded together) and of batches of 16 decoded apart, against one prompt at a time."""
     from backend.sources.datasets import load_source
     from backend.sources.models import load
-    from metrics.generation import generate_ids
+    from metrics.generation import DECODE_ROWS, generate_ids
     from metrics.prompts import prompt_renderer
 
     lm = load("smollm2-135m", "cpu", "float32")
@@ -151,13 +157,18 @@ def generation_ratio(data_dir: str, count: int = 64) -> None:
     prompts = [prompt_renderer("chat" if lm.tokenizer.chat_template else "unnatural", lm.tokenizer)(r)
                for r in records]
     speeds, answers = {}, {}
-    for size in (1, 16):
+    ways = {"one at a time": (1, 1), "batches of 16": (16, 16), "prefill 16, decode together": (16, DECODE_ROWS)}
+    for way, (size, rows) in ways.items():
         started = time.perf_counter()
-        answers[size] = generate_ids(lm.model, lm.tokenizer, prompts, max_new_tokens=32, batch_size=size)
-        speeds[size] = sum(map(len, answers[size])) / (time.perf_counter() - started)
-    print(f"greedy generation of {count} Unnatural answers (EOS stops them, 32 new tokens at most): batch 16 "
-          f"{speeds[16]:.0f} tokens/s vs batch 1 {speeds[1]:.0f} tokens/s: {speeds[16] / speeds[1]:.2f}x (target "
-          f">= 4x); the same answers: {'yes' if answers[1] == answers[16] else 'NO'}")
+        answers[way] = generate_ids(lm.model, lm.tokenizer, prompts, max_new_tokens=32, batch_size=size,
+                                    decode_rows=rows)
+        speeds[way] = sum(map(len, answers[way])) / (time.perf_counter() - started)
+    alone = speeds["one at a time"]
+    print(f"greedy generation of {count} Unnatural answers (EOS stops them, 32 new tokens at most), one prompt at a "
+          f"time: {alone:.1f} tokens/s")
+    for way in list(ways)[1:]:
+        print(f"  {way}: {speeds[way]:.1f} tokens/s = {speeds[way] / alone:.2f}x (target >= 4x); the same answers: "
+              f"{'yes' if answers[way] == answers['one at a time'] else 'NO'}")
 
 
 def report(sides: dict[str, list[dict]], old: str) -> None:
@@ -167,6 +178,8 @@ def report(sides: dict[str, list[dict]], old: str) -> None:
           f"{new_wall:.1f} s: new/old {new_wall / old_wall:.2f}x (target <= 0.5x)")
     stages = sorted({s for side in sides.values() for r in side for s in r["stages"]},
                     key=lambda s: -mean([r["stages"].get(s, 0.0) for r in sides["old"]]))
+    if not any(r["stages"] for r in sides["old"]):
+        print(f"(no per-stage timings: {old[:10]}'s store does not keep them)")
     print(f"{'stage (summed over jobs)':<28}{'old s':>9}{'new s':>9}{'new/old':>9}")
     for stage in stages:
         a = mean([r["stages"].get(stage, 0.0) for r in sides["old"]])
