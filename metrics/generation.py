@@ -4,7 +4,9 @@ ends, so finished answers cost nothing while the others go on."""
 
 from __future__ import annotations
 
+import copy
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,13 +51,16 @@ class Prefilled:
 
 def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32,
                  batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
-                 min_new_tokens: int = 0, streamer=None, decode_rows: int = DECODE_ROWS) -> list[list[int]]:
+                 min_new_tokens: int = 0, streamer=None, decode_rows: int = DECODE_ROWS,
+                 share_prefix: bool = True) -> list[list[int]]:
     """Greedy answers' token ids, stopping at any of `stop_ids`; each row keeps the stop token that ended it.
 
-    Prompts are sorted by length and prefilled `batch_size` at a time, so each prompt forward carries little padding;
-    consecutive prefilled batches are then decoded together, up to `decode_rows` rows (their caches left-padded into
-    one, within CACHE_BYTES), since a decoding step costs little more for 64 rows than for 16 while a prompt forward
-    gains little from more rows. The answers come back in the prompts' order. Special tokens in a prompt's text (a chat
+    The prompts' common first tokens (a chat template's system prompt, a task template's preamble) go through the
+    model once (`share_prefix`); the rest of each prompt is sorted by length and prefilled `batch_size` at a time, so
+    each prompt forward carries little padding; consecutive prefilled batches are then decoded together, up to
+    `decode_rows` rows (their caches left-padded into one, within CACHE_BYTES), since a decoding step costs little
+    more for 64 rows than for 16 while a prompt forward gains little from more rows. Sliding-window and other
+    stateful caches share no prefix and decode batch by batch. The answers come back in the prompts' order. Special tokens in a prompt's text (a chat
     template) are kept. `streamer` (a transformers streamer) sees every decoding step's tokens of the rows still
     answering; `progress(done, total)` counts the prompts answered."""
     if max_new_tokens < 1 or batch_size < 1 or decode_rows < 1:
@@ -89,8 +94,9 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
     if progress:
         progress(0, len(order))
     with torch.no_grad():
+        prefix = shared_prefix(model, encoded, device) if share_prefix else None
         for start in range(0, len(order), batch_size):
-            state = prefill(model, order[start:start + batch_size], encoded, pad, device)
+            state = prefill(model, order[start:start + batch_size], encoded, pad, device, prefix)
             if pending and not joins(pending, state, decode_rows, max_new_tokens):
                 decode_pending()
             pending.append(state)
@@ -99,23 +105,53 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
     return answers
 
 
-def prefill(model: torch.nn.Module, rows: list[int], encoded: list[list[int]], pad: int,
-            device: torch.device) -> Prefilled:
-    """The prompts `rows` of `encoded`, left-padded to the longest, through one forward that fills a DynamicCache
-    and keeps only the last position's logits."""
+def shared_prefix(model: torch.nn.Module, encoded: list[list[int]], device: torch.device):
+    """The prompts' longest common first tokens (each prompt keeps at least one of its own) through one forward, as
+    (ids, DynamicCache); None when fewer than two prompts share any, or when the model's cache is not made of plain
+    growing layers (a sliding window or linear-attention layer keeps other state)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if len(encoded) < 2:
+        return None
+    length = min(len(os.path.commonprefix(encoded)), min(map(len, encoded)) - 1)
+    if length < 1:
+        return None
+    kv = DynamicCache(config=model.config)
+    plain = lambda: all(type(layer) is DynamicLayer for layer in kv.layers)
+    if not plain():
+        return None
+    ids = torch.tensor([encoded[0][:length]], device=device)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): kv})
+    return (ids, kv) if kv.layers and plain() else None
+
+
+def prefill(model: torch.nn.Module, rows: list[int], encoded: list[list[int]], pad: int, device: torch.device,
+            prefix=None) -> Prefilled:
+    """The prompts `rows` of `encoded` through one forward that fills a DynamicCache and keeps only the last
+    position's logits: after the shared `prefix` (its cache copied to every row), if any, each prompt's own tokens
+    left-padded to the longest (the padding sits between the prefix and them, masked, positions counted past it)."""
     from transformers import DynamicCache
 
-    width = max(len(encoded[i]) for i in rows)
+    shared = 0 if prefix is None else prefix[0].shape[1]
+    width = max(len(encoded[i]) for i in rows) - shared
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, i in enumerate(rows):
-        ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-        mask[r, width - len(encoded[i]):] = 1
+        own = encoded[i][shared:]
+        ids[r, width - len(own):] = torch.tensor(own)
+        mask[r, width - len(own):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    kv = DynamicCache(config=model.config)
+    if prefix is None:
+        kv = DynamicCache(config=model.config)
+    else:
+        kv = copy.deepcopy(prefix[1])
+        kv.batch_repeat_interleave(len(rows))
+        ids = torch.cat([prefix[0].expand(len(rows), -1), ids], dim=1)
+        mask = torch.cat([mask.new_ones((len(rows), shared)), mask], dim=1)
     position = mask.cumsum(-1) - 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), use_cache=True,
-                   logits_to_keep=1, **{cache_argument(model): kv}).logits[:, -1]
+    logits = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=position[:, shared:].clamp_min(0),
+                   use_cache=True, logits_to_keep=1, **{cache_argument(model): kv}).logits[:, -1]
     return Prefilled(list(rows), ids, mask, position[:, -1], kv, logits)
 
 

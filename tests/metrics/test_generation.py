@@ -3,6 +3,8 @@ answers, which equal transformers' own generate prompt by prompt."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -78,6 +80,26 @@ def test_batches_prefilled_apart_are_decoded_together_within_decode_rows(arch, t
     steps.clear()
     assert generate_ids(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, decode_rows=6) == expected
     assert steps == [6] * 11 + [1] * 11
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3_moe", "mistral", "gemma3"])
+def test_a_prefix_every_prompt_shares_goes_through_the_model_once(arch, tokenizer):
+    """Prompts that start alike (a template's preamble) share its forward: one forward of the common tokens, then
+    each prompt's own tokens after it; answers equal the library's prompt by prompt (sliding-window caches share
+    nothing and still answer the same)."""
+    model = tiny_model(arch, vocab=len(tokenizer), seed=5)
+    ends_at_different_steps(model, tokenizer.eos_token_id)
+    preamble = "You are a careful assistant. Answer in one short line.\nQuestion: "
+    prompts = [preamble + p for p in PROMPTS + ["Count to ten:", "Name two rivers of Europe, then stop."]]
+    shared = len(os.path.commonprefix([tokenizer(p, add_special_tokens=False).input_ids for p in prompts]))
+    expected = library_greedy(model, tokenizer, prompts, 12)
+    shapes: list[tuple] = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    assert generate_ids(model, tokenizer, prompts, max_new_tokens=12, batch_size=3) == expected
+    sliding = arch in ("mistral", "gemma3")
+    assert (shapes[0] == (1, shared)) != sliding, (shapes[:3], shared)
+    assert sum(rows * length for rows, length in shapes if length > 1) \
+        < sum(map(len, (tokenizer(p, add_special_tokens=False).input_ids for p in prompts))) or sliding
 
 
 def test_min_new_tokens_holds_eos_back_and_progress_counts_prompts(tokenizer):
