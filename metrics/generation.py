@@ -56,8 +56,8 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
     """Greedy answers' token ids, stopping at any of `stop_ids`; each row keeps the stop token that ended it.
 
     The prompts' common first tokens (a chat template's system prompt, a task template's preamble) go through the
-    model once (`share_prefix`); the rest of each prompt is sorted by length and prefilled `batch_size` at a time, so
-    each prompt forward carries little padding; consecutive prefilled batches are then decoded together, up to
+    model once (`share_prefix`); the rest of each prompt is sorted by length and prefilled at most `batch_size` and
+    `prefill_tokens` padded tokens at a time, so each prompt forward carries little padding; consecutive prefilled batches are then decoded together, up to
     `decode_rows` rows (their caches left-padded into one, within CACHE_BYTES), since a decoding step costs little
     more for 64 rows than for 16 while a prompt forward gains little from more rows. Sliding-window and other
     stateful caches share no prefix and decode batch by batch. The answers come back in the prompts' order. Special tokens in a prompt's text (a chat
@@ -95,14 +95,34 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
         progress(0, len(order))
     with torch.no_grad():
         prefix = shared_prefix(model, encoded, device) if share_prefix else None
-        for start in range(0, len(order), batch_size):
-            state = prefill(model, order[start:start + batch_size], encoded, pad, device, prefix)
+        shared = 0 if prefix is None else prefix[0].shape[1]
+        lengths = [len(ids) - shared for ids in encoded]
+        for rows in prefill_groups(order, lengths, batch_size, prefill_tokens(device)):
+            state = prefill(model, rows, encoded, pad, device, prefix)
             if pending and not joins(pending, state, decode_rows, max_new_tokens):
                 decode_pending()
             pending.append(state)
         if pending:
             decode_pending()
     return answers
+
+
+def prefill_tokens(device: torch.device) -> int:
+    """Padded prompt tokens per prompt forward: a few hundred already keep a CPU busy (fewer rows, less padding), a
+    GPU needs thousands."""
+    return 1024 if device.type == "cpu" else 8192
+
+
+def prefill_groups(order: list[int], lengths: list[int], rows: int, tokens: int) -> list[list[int]]:
+    """Consecutive prompts of `order` (sorted by length) in groups of at most `rows` prompts and, past the first
+    prompt, at most `tokens` padded tokens."""
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < rows and (len(groups[-1]) + 1) * lengths[i] <= tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def shared_prefix(model: torch.nn.Module, encoded: list[list[int]], device: torch.device):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from metrics.generation import generate, generate_ids, stop_ids
+from metrics.generation import generate, generate_ids, prefill_groups, stop_ids
 from tests.conftest import TINY, tiny_model
 
 PROMPTS = ["Name a colour.", "The capital of France is", "1, 2, 3,", "Write one word that rhymes with cat, please:",
@@ -100,6 +100,12 @@ def test_a_prefix_every_prompt_shares_goes_through_the_model_once(arch, tokenize
     assert (shapes[0] == (1, shared)) != sliding, (shapes[:3], shared)
     assert sum(rows * length for rows, length in shapes if length > 1) \
         < sum(map(len, (tokenizer(p, add_special_tokens=False).input_ids for p in prompts))) or sliding
+
+
+def test_prefill_groups_hold_at_most_rows_prompts_and_tokens_padded_tokens():
+    assert prefill_groups([0, 1, 2, 3], [10, 10, 30, 40], rows=3, tokens=60) == [[0, 1], [2], [3]]
+    assert prefill_groups([0, 1, 2, 3], [10, 10, 30, 40], rows=3, tokens=1000) == [[0, 1, 2], [3]]
+    assert prefill_groups([2, 0], [50, 900, 3], rows=4, tokens=10) == [[2], [0]]  # past the budget: alone
 
 
 def test_min_new_tokens_holds_eos_back_and_progress_counts_prompts(tokenizer):
