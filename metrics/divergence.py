@@ -137,9 +137,10 @@ def model_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences:
                      progress: Callable[[int, int], None] | None = None,
                      dense_memo: dict | None = None) -> DivergenceResult:
     """Dense vs pruned next-token distributions at the scored positions of each sequence, batched with right padding
-    in order of length (so a batch carries little padding; per_sample stays in the sequences' order). `dense_memo`: a dict kept with THIS dense model (and given to no other), in which its hidden states at the scored
-    positions are kept by batch, so evaluating several pruned models on the same sequences runs the dense model once
-    (the logits, recomputed by its head from the very same states, are the same)."""
+    in order of length (so a batch carries little padding; per_sample stays in the sequences' order). `dense_memo`: a
+    dict kept with THIS dense model (and given to no other), in which its hidden states at the scored positions are
+    kept by batch, so evaluating several pruned models on the same sequences runs the dense model once (the logits,
+    recomputed by its head from the very same states, are the same)."""
     if len(sequences) != len(scored):
         raise ValueError(f"{len(sequences)} sequences but {len(scored)} scored masks")
     if batch_size < 1:

@@ -1,6 +1,7 @@
-"""Batched greedy generation with left padding, for task scores: prompts prefilled in small batches of similar
-length, then decoded together in a loop over transformers' cache that drops a row from the batch as soon as its answer
-ends, so finished answers cost nothing while the others go on."""
+"""Batched greedy generation with left padding, for task scores: the prompts' shared prefix through the model once,
+their own tokens prefilled in small groups of similar length, then decoded together in a loop over transformers'
+cache that drops a row from the batch as soon as its answer ends, so finished answers cost nothing while the others
+go on."""
 
 from __future__ import annotations
 
@@ -57,12 +58,13 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
 
     The prompts' common first tokens (a chat template's system prompt, a task template's preamble) go through the
     model once (`share_prefix`); the rest of each prompt is sorted by length and prefilled at most `batch_size` and
-    `prefill_tokens` padded tokens at a time, so each prompt forward carries little padding; consecutive prefilled batches are then decoded together, up to
-    `decode_rows` rows (their caches left-padded into one, within CACHE_BYTES), since a decoding step costs little
-    more for 64 rows than for 16 while a prompt forward gains little from more rows. Sliding-window and other
-    stateful caches share no prefix and decode batch by batch. The answers come back in the prompts' order. Special tokens in a prompt's text (a chat
-    template) are kept. `streamer` (a transformers streamer) sees every decoding step's tokens of the rows still
-    answering; `progress(done, total)` counts the prompts answered."""
+    `prefill_tokens` padded tokens at a time, so each prompt forward carries little padding; consecutive prefilled
+    groups are then decoded together, up to `decode_rows` rows (their caches left-padded into one, within
+    CACHE_BYTES), since a decoding step costs little more for 64 rows than for 16 while a prompt forward gains little
+    from more rows. Sliding-window and other stateful caches share no prefix and decode group by group. The answers
+    come back in the prompts' order. Special tokens in a prompt's text (a chat template) are kept. `streamer` (a
+    transformers streamer) sees every decoding step's tokens of the rows still answering; `progress(done, total)`
+    counts the prompts answered."""
     if max_new_tokens < 1 or batch_size < 1 or decode_rows < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens}, batch_size {batch_size} and decode_rows {decode_rows} "
                          "must all be at least 1")
