@@ -132,7 +132,6 @@ def shared_prefix(model: torch.nn.Module, encoded: list[list[int]], device: torc
     (ids, DynamicCache); None when fewer than two prompts share any, or when the model's cache is not made of plain
     growing layers (a sliding window or linear-attention layer keeps other state)."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     if len(encoded) < 2:
         return None
@@ -140,12 +139,19 @@ def shared_prefix(model: torch.nn.Module, encoded: list[list[int]], device: torc
     if length < 1:
         return None
     kv = DynamicCache(config=model.config)
-    plain = lambda: all(type(layer) is DynamicLayer for layer in kv.layers)
-    if not plain():
+    if not plain_cache(kv):
         return None
     ids = torch.tensor([encoded[0][:length]], device=device)
     model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): kv})
-    return (ids, kv) if kv.layers and plain() else None
+    return (ids, kv) if kv.layers and plain_cache(kv) else None
+
+
+def plain_cache(kv) -> bool:
+    """Whether every layer of a cache is a plain growing one, whose rows can be copied, padded and joined (a
+    sliding-window or linear-attention layer keeps other state)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in kv.layers)
 
 
 def prefill(model: torch.nn.Module, rows: list[int], encoded: list[list[int]], pad: int, device: torch.device,
@@ -181,10 +187,8 @@ def joins(pending: list[Prefilled], state: Prefilled, decode_rows: int, max_new_
     """Whether `state` can be decoded together with `pending`: every cache layer a plain growing one (a sliding
     window or linear-attention layer keeps other state, so such batches decode alone), at most `decode_rows` rows,
     and the merged cache, grown by `max_new_tokens`, within CACHE_BYTES."""
-    from transformers.cache_utils import DynamicLayer
-
     batches = [*pending, state]
-    if not all(type(layer) is DynamicLayer and layer.is_initialized for b in batches for layer in b.kv.layers):
+    if not all(plain_cache(b.kv) and all(layer.is_initialized for layer in b.kv.layers) for b in batches):
         return False
     rows = sum(len(b.rows) for b in batches)
     width = max(b.mask.shape[1] for b in batches) + max_new_tokens
