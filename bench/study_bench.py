@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--generation-rounds", type=int, default=3, help="alternating rounds of the generation "
                                                                           "figure (the fastest of each is kept)")
     args = parser.parse_args()
+    for flag in ("rounds", "generation_rounds"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: use at least 1")
     if "study" in args.only:
         if not args.old:
             parser.error("--old COMMIT is needed for the study")
@@ -109,7 +112,7 @@ def compare_studies(olds: list[str], rounds: int, data_dir: str) -> None:
         sides: dict[str, list[dict]] = {name: [] for name in [*trees, "new"]}
         for round_ in range(rounds):
             for name, tree in [*trees.items(), ("new", ROOT)]:
-                result = study(tree, data_dir, work / f"{Path(tree).name}-{round_}")
+                result = study(tree, data_dir, work / f"{tree.name}-{round_}")
                 sides[name].append(result)
                 print(f"round {round_ + 1} {name}: {result['wall']:.1f} s, {result['jobs']} jobs, stages summed "
                       f"{sum(result['stages'].values()):.1f} s", flush=True)
