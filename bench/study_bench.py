@@ -165,7 +165,7 @@ def generation_ratio(data_dir: str, count: int = 64, rounds: int = 3) -> None:
     by tens of percent within minutes)."""
     from backend.sources.datasets import load_source
     from backend.sources.models import load
-    from metrics.generation import DECODE_ROWS, generate_ids
+    from metrics.generation import DECODE_ROWS, generate_answers
     from metrics.prompts import prompt_renderer
 
     lm = load("smollm2-135m", "cpu", "float32")
@@ -180,8 +180,8 @@ def generation_ratio(data_dir: str, count: int = 64, rounds: int = 3) -> None:
     for _ in range(rounds):
         for way, (size, rows, share) in ways.items():
             started = time.perf_counter()
-            answers[way] = generate_ids(lm.model, lm.tokenizer, prompts, max_new_tokens=32, batch_size=size,
-                                        decode_rows=rows, share_prefix=share)
+            answers[way] = generate_answers(lm.model, lm.tokenizer, prompts, max_new_tokens=32, batch_size=size,
+                                            decode_rows=rows, share_prefix=share).ids
             seconds[way].append(time.perf_counter() - started)
     tokens = sum(map(len, answers["one at a time"]))
     alone = min(seconds["one at a time"])

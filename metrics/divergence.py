@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from metrics.generation import cache_argument, plain_cache
 from metrics.heads import chunked_head_matches, head_inputs
 
 LN2 = math.log(2.0)
@@ -143,42 +144,87 @@ def model_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences:
     recomputed by its head from the very same states, are the same)."""
     if len(sequences) != len(scored):
         raise ValueError(f"{len(sequences)} sequences but {len(scored)} scored masks")
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size} is not allowed: use at least 1")
     for index, (seq, mask) in enumerate(zip(sequences, scored)):
         if seq.dim() != 1 or mask.shape != seq.shape:
             raise ValueError(f"sequence {index}: need 1-D token ids and a scored mask of the same length, "
                              f"got {tuple(seq.shape)} and {tuple(mask.shape)}")
-    per_sample: list[dict | None] = [None] * len(sequences)
-    total = len(sequences)
-    order = sorted(range(total), key=lambda i: len(sequences[i]))
+    sequences = [seq.long().cpu() for seq in sequences]
+    positions = [mask.bool().cpu().nonzero().flatten() for mask in scored]
+    with torch.no_grad():
+        probe = next((seq[None] for seq in sequences if len(seq) > 0), None)
+        head_only = probe is not None and all(
+            chunked_head_matches(m, probe.to(next(m.parameters()).device)) for m in (dense, pruned))
+
+    def rows_of(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs, where = [sequences[i] for i in batch], [positions[i] for i in batch]
+        return (_scored_rows(dense, seqs, where, head_only, dense_memo), _scored_rows(pruned, seqs, where, head_only))
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    return _batched(order, [int(where.numel()) for where in positions], rows_of, batch_size, log2, chunk, progress)
+
+
+def answer_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, prompts: list[list[int]],
+                      answers: list[list[int]], pruned_states: list[torch.Tensor] | None = None, batch_size: int = 8,
+                      log2: bool = False, chunk: int = 1024, progress: Callable[[int, int], None] | None = None,
+                      dense_memo: dict | None = None) -> DivergenceResult:
+    """Dense vs pruned next-token distributions along answers the pruned model wrote after its prompts, at every
+    position that predicts an answer token (the prompt's last one, then each answer token but the last).
+    `pruned_states`: the pruned model's output-head inputs there, as its generation left them
+    (generate_answers(keep_states=True)): its logits are then its head on them, the very logits it picked its tokens
+    from. The dense model reads each batch of prompts (but their last token) into a KV cache, which `dense_memo` (a
+    dict kept with THIS dense model) keeps for the next call on the same prompts, then only the answers after it."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("an empty prompt predicts no first answer token: every prompt needs at least one token")
+    if pruned_states is not None and [len(s) for s in pruned_states] != [len(a) for a in answers]:
+        raise ValueError(f"the pruned states' counts {[len(s) for s in pruned_states]} are not the answers' lengths "
+                         f"{[len(a) for a in answers]}")
+    with torch.no_grad():
+        probe = torch.tensor([prompts[0]]) if prompts else None
+        matches = {id(m): probe is not None and chunked_head_matches(m, probe.to(next(m.parameters()).device))
+                   for m in (dense, pruned)}
+    states = pruned_states if matches[id(pruned)] else None
+
+    def rows_of(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt, answer = [prompts[i] for i in batch], [answers[i] for i in batch]
+        dense_rows = _continuation_rows(dense, prompt, answer, matches[id(dense)], dense_memo)
+        if states is None:
+            return dense_rows, _continuation_rows(pruned, prompt, answer, matches[id(pruned)])
+        head = pruned.get_output_embeddings()
+        return dense_rows, head(torch.cat([states[i] for i in batch]))
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return _batched(order, [len(answer) for answer in answers], rows_of, batch_size, log2, chunk, progress)
+
+
+def _batched(order: list[int], counts: list[int], rows_of: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+             batch_size: int, log2: bool, chunk: int, progress: Callable[[int, int], None] | None) -> DivergenceResult:
+    """Divergences of the samples taken `batch_size` at a time in `order`; `rows_of(batch)` gives the dense and pruned
+    logits of the batch's samples that have scored positions (`counts` of them each), concatenated in its order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} is not allowed: use at least 1")
+    total = len(order)
+    per_sample: list[dict | None] = [None] * total
     if progress:
         progress(0, total)
     with torch.no_grad():
-        probe = next((seq[None].long() for seq in sequences if len(seq) > 0), None)
-        head_only = probe is not None and all(
-            chunked_head_matches(m, probe.to(next(m.parameters()).device)) for m in (dense, pruned))
         for start in range(0, total, batch_size):
-            rows = order[start:start + batch_size]
-            batch = [sequences[i].long().cpu() for i in rows]
-            positions = [scored[i].bool().cpu().nonzero().flatten() for i in rows]
-            kept = [row for row, seq in enumerate(batch) if len(seq) > 0]
-            counts = [int(where.numel()) for where in positions]
-            if kept and sum(counts):
-                dense_rows = _scored_rows(dense, [batch[r] for r in kept], [positions[r] for r in kept], head_only,
-                                          dense_memo)
-                pruned_rows = _scored_rows(pruned, [batch[r] for r in kept], [positions[r] for r in kept], head_only)
+            batch = order[start:start + batch_size]
+            kept = [i for i in batch if counts[i]]
+            if kept:
+                dense_rows, pruned_rows = rows_of(kept)
                 div = divergence_from_logits(dense_rows, pruned_rows.to(dense_rows.device), log2=log2, chunk=chunk)
                 del dense_rows, pruned_rows
                 div = {name: value.cpu() for name, value in div.items()}
             else:
                 div = divergence_from_logits(torch.zeros(0, 1), torch.zeros(0, 1))
             offset = 0
-            for index, count in zip(rows, counts):
-                piece = {name: value[offset:offset + count] for name, value in div.items()}
+            for index in batch:
+                piece = {name: value[offset:offset + counts[index]] for name, value in div.items()}
                 per_sample[index] = _sample_record(TokenDivergence(piece["jsd"], piece["kl_dense_pruned"],
                                                                    piece["kl_pruned_dense"], piece["flip"]))
-                offset += count
+                offset += counts[index]
             if progress:
                 progress(min(start + batch_size, total), total)
     used = [sample for sample in per_sample if not sample["skipped"]]
@@ -190,6 +236,78 @@ def model_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, sequences:
                             kl_pruned_dense=mean("kl_pruned_dense"), flip_rate=mean("flip_rate"),
                             scored_tokens=sum(sample["scored_tokens"] for sample in used), log2=log2,
                             skipped=len(per_sample) - len(used), samples=len(per_sample))
+
+
+def _continuation_rows(model: torch.nn.Module, prompts: list[list[int]], answers: list[list[int]], head_only: bool,
+                       memo: dict | None = None) -> torch.Tensor:
+    """The model's logits at the positions that predict each answer token after its prompt, concatenated: the
+    prompts but their last token go into a KV cache (kept in `memo` for the next call on the same prompts), then
+    each prompt's last token and its answer but the last token are read after it, right-padded. A model whose cache
+    keeps more than plain growing layers (a sliding window) reads each prompt + answer whole instead."""
+    device = next(model.parameters()).device
+    context = _context_cache(model, [prompt[:-1] for prompt in prompts], device, memo)
+    if context is None:
+        sequences = [torch.tensor(prompt + answer) for prompt, answer in zip(prompts, answers)]
+        where = [torch.arange(len(p) - 1, len(p) + len(a) - 1) for p, a in zip(prompts, answers)]
+        return _scored_rows(model, sequences, where, head_only)
+    kv, context_mask = context
+    width = max(len(answer) for answer in answers)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        ids[row, :len(answer)] = torch.tensor(prompt[-1:] + answer[:-1])
+        mask[row, :len(answer)] = 1
+    position = torch.tensor([len(prompt) - 1 for prompt in prompts])[:, None] + torch.arange(width)
+    kwargs = {"attention_mask": torch.cat([context_mask, mask], dim=1).to(device),
+              "position_ids": position.to(device), "use_cache": True, cache_argument(model): kv}
+    if head_only:
+        hidden = head_inputs(model, ids.to(device), **kwargs)
+        return model.get_output_embeddings()(torch.cat([hidden[row, :len(a)] for row, a in enumerate(answers)]))
+    logits = model(input_ids=ids.to(device), **kwargs).logits
+    return torch.cat([logits[row, :len(answer)] for row, answer in enumerate(answers)])
+
+
+def _context_cache(model: torch.nn.Module, contexts: list[list[int]], device: torch.device,
+                   memo: dict | None) -> tuple[object, torch.Tensor] | None:
+    """A fresh DynamicCache holding the left-padded `contexts` and their attention mask, read from `memo` when these
+    very contexts were read before (their keys and values copied, so the memo stays as it was); None when the
+    model's cache is not made of plain growing layers."""
+    from transformers import DynamicCache
+
+    width = max(len(c) for c in contexts)
+    ids = torch.zeros(len(contexts), width, dtype=torch.long)
+    mask = torch.zeros(len(contexts), width, dtype=torch.long)
+    for row, tokens in enumerate(contexts):
+        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens):] = 1
+    kv = DynamicCache(config=model.config)
+    if not plain_cache(kv):
+        return None
+    if width == 0:
+        return kv, mask
+    key = "context:" + hashlib.sha256(f"{tuple(ids.shape)}".encode() + ids.numpy().tobytes()
+                                      + mask.numpy().tobytes()).hexdigest()
+    if memo is not None and key in memo:
+        for index, (keys, values) in enumerate(memo[key]):
+            kv.update(keys, values, index)
+        return kv, mask
+    head_inputs(model, ids.to(device), attention_mask=mask.to(device),
+                position_ids=(mask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=True,
+                **{cache_argument(model): kv})
+    if not kv.layers or not plain_cache(kv):
+        return None
+    if memo is not None:
+        memo[key] = tuple((layer.keys, layer.values) for layer in kv.layers)
+    return kv, mask
+
+
+def memo_bytes(memo: dict) -> int:
+    """The bytes of the tensors a dense model's memo holds (kept states, kept prompt caches)."""
+    def size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        return sum(size(v) for v in value) if isinstance(value, (tuple, list)) else 0
+    return sum(size(value) for value in memo.values())
 
 
 def teacher_forced(records: list[dict], tokenizer, render_prompt: Callable[[dict], str], response_only: bool = True,
@@ -208,25 +326,6 @@ def teacher_forced(records: list[dict], tokenizer, render_prompt: Callable[[dict
         first = max(len(prompt) - 1, 0) if response_only else 0
         if len(ids) >= 2:
             mask[first:len(ids) - 1] = True
-        sequences.append(torch.tensor(ids, dtype=torch.long))
-        masks.append(mask)
-    return sequences, masks
-
-
-def forced_on_ids(prompts: list[list[int]], answers: list[list[int]],
-                  max_tokens: int = 1024) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Prompt ids + the exact answer ids a model generated (its stop token included, nothing appended, nothing
-    re-tokenized) and the positions scored: those predicting an answer token."""
-    if max_tokens < 2:
-        raise ValueError(f"max_tokens {max_tokens} is not allowed: use at least 2")
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    sequences: list[torch.Tensor] = []
-    masks: list[torch.Tensor] = []
-    for prompt, answer in zip(prompts, answers):
-        ids = (list(prompt) + list(answer))[:max_tokens]
-        mask = torch.zeros(len(ids), dtype=torch.bool)
-        mask[max(len(prompt) - 1, 0):len(ids) - 1] = True
         sequences.append(torch.tensor(ids, dtype=torch.long))
         masks.append(mask)
     return sequences, masks

@@ -5,6 +5,7 @@ go on."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from metrics.heads import HeadTap
 
 
 def stop_ids(model: torch.nn.Module, tokenizer) -> list[int]:
@@ -41,19 +44,29 @@ CACHE_BYTES = 1 << 30
 @dataclass
 class Prefilled:
     """A left-padded batch after its prompt forward: the prompts' indices, ids and attention mask, each row's last
-    position, the KV cache and the first next-token logits."""
+    position, the KV cache, the first next-token logits and (when kept) the output head's input behind them."""
     rows: list[int]
     ids: torch.Tensor
     mask: torch.Tensor
     position: torch.Tensor
     kv: object
     logits: torch.Tensor
+    hidden: torch.Tensor | None = None
 
 
-def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32,
-                 batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
-                 min_new_tokens: int = 0, streamer=None, decode_rows: int = DECODE_ROWS,
-                 share_prefix: bool = True) -> list[list[int]]:
+@dataclass
+class Answers:
+    """Greedy answers in the prompts' order: each one's token ids and, when kept, the output head's inputs that
+    predicted them ([len(ids), hidden]: the head of the model on them gives the very logits each token was picked
+    from)."""
+    ids: list[list[int]]
+    states: list[torch.Tensor] | None = None
+
+
+def generate_answers(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32,
+                     batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
+                     min_new_tokens: int = 0, streamer=None, decode_rows: int = DECODE_ROWS,
+                     share_prefix: bool = True, keep_states: bool = False) -> Answers:
     """Greedy answers' token ids, stopping at any of `stop_ids`; each row keeps the stop token that ended it.
 
     The prompts' common first tokens (a chat template's system prompt, a task template's preamble) go through the
@@ -64,7 +77,8 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
     from more rows. Sliding-window and other stateful caches share no prefix and decode group by group. The answers
     come back in the prompts' order. Special tokens in a prompt's text (a chat template) are kept. `streamer` (a
     transformers streamer) sees every decoding step's tokens of the rows still answering; `progress(done, total)`
-    counts the prompts answered."""
+    counts the prompts answered. `keep_states` also keeps, for every generated token, the output head's input that
+    predicted it, so a metric of the model's next-token distributions along its own answers needs no second pass."""
     if max_new_tokens < 1 or batch_size < 1 or decode_rows < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens}, batch_size {batch_size} and decode_rows {decode_rows} "
                          "must all be at least 1")
@@ -76,6 +90,8 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[list[int]] = [[] for _ in prompts]
+    states: list[list[torch.Tensor]] = [[] for _ in prompts]
+    tap = HeadTap(model) if keep_states else None
     pending: list[Prefilled] = []
     answered = 0
 
@@ -85,8 +101,9 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
         pending.clear()
         if streamer is not None:
             streamer.put(state.ids)
-        for row, answer in zip(state.rows, decode(model, state, max_new_tokens, min_new_tokens, stops, streamer)):
-            answers[row] = answer
+        for row, answer, kept in zip(state.rows, *decode(model, state, max_new_tokens, min_new_tokens, stops,
+                                                           streamer, tap)):
+            answers[row], states[row] = answer, kept
         if streamer is not None:
             streamer.end()
         answered += len(state.rows)
@@ -95,18 +112,18 @@ def generate_ids(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
 
     if progress:
         progress(0, len(order))
-    with torch.no_grad():
+    with torch.no_grad(), tap or contextlib.nullcontext():
         prefix = shared_prefix(model, encoded, device) if share_prefix else None
         shared = 0 if prefix is None else prefix[0].shape[1]
         lengths = [len(ids) - shared for ids in encoded]
         for rows in prefill_groups(order, lengths, batch_size, prefill_tokens(device)):
-            state = prefill(model, rows, encoded, pad, device, prefix)
+            state = prefill(model, rows, encoded, pad, device, prefix, tap)
             if pending and not joins(pending, state, decode_rows, max_new_tokens):
                 decode_pending()
             pending.append(state)
         if pending:
             decode_pending()
-    return answers
+    return Answers(answers, [torch.stack(kept) for kept in states] if keep_states else None)
 
 
 def prefill_tokens(device: torch.device) -> int:
@@ -155,7 +172,7 @@ def plain_cache(kv) -> bool:
 
 
 def prefill(model: torch.nn.Module, rows: list[int], encoded: list[list[int]], pad: int, device: torch.device,
-            prefix=None) -> Prefilled:
+            prefix=None, tap: HeadTap | None = None) -> Prefilled:
     """The prompts `rows` of `encoded` through one forward that fills a DynamicCache and keeps only the last
     position's logits: after the shared `prefix` (its cache copied to every row), if any, each prompt's own tokens
     left-padded to the longest (the padding sits between the prefix and them, masked, positions counted past it)."""
@@ -180,7 +197,7 @@ def prefill(model: torch.nn.Module, rows: list[int], encoded: list[list[int]], p
     position = mask.cumsum(-1) - 1
     logits = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=position[:, shared:].clamp_min(0),
                    use_cache=True, logits_to_keep=1, **{cache_argument(model): kv}).logits[:, -1]
-    return Prefilled(list(rows), ids, mask, position[:, -1], kv, logits)
+    return Prefilled(list(rows), ids, mask, position[:, -1], kv, logits, tap.last if tap else None)
 
 
 def joins(pending: list[Prefilled], state: Prefilled, decode_rows: int, max_new_tokens: int) -> bool:
@@ -210,24 +227,29 @@ def merged(batches: list[Prefilled], pad: int) -> Prefilled:
         layer.values = torch.cat([along(b.kv.layers[i].values) for b in batches])
     return Prefilled([r for b in batches for r in b.rows], torch.cat([left(b.ids, pad) for b in batches]),
                      torch.cat([left(b.mask) for b in batches]), torch.cat([b.position for b in batches]), kv,
-                     torch.cat([b.logits for b in batches]))
+                     torch.cat([b.logits for b in batches]),
+                     None if batches[0].hidden is None else torch.cat([b.hidden for b in batches]))
 
 
 def decode(model: torch.nn.Module, state: Prefilled, max_new_tokens: int, min_new_tokens: int, stops: list[int],
-           streamer=None) -> list[list[int]]:
+           streamer=None, tap: HeadTap | None = None) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
     """Greedy decoding of a prefilled batch, a token per step for the rows still answering; a row whose token is a
-    stop leaves the batch (its cache rows with it)."""
-    kv, mask, position, logits = state.kv, state.mask, state.position, state.logits
+    stop leaves the batch (its cache rows with it). Returns each row's tokens and, with a `tap`, the head inputs
+    that predicted them."""
+    kv, mask, position, logits, hidden = state.kv, state.mask, state.position, state.logits, state.hidden
     cache = {cache_argument(model): kv}
     answers: list[list[int]] = [[] for _ in state.rows]
+    states: list[list[torch.Tensor]] = [[] for _ in state.rows]
     alive = torch.arange(len(state.rows), device=mask.device)
     stop = torch.tensor(stops, dtype=torch.long, device=mask.device)
     for step in range(max_new_tokens):
         if step < min_new_tokens and len(stops):
             logits[:, stop] = -float("inf")
         token = logits.argmax(-1)
-        for row, value in zip(alive.tolist(), token.tolist()):
+        for i, (row, value) in enumerate(zip(alive.tolist(), token.tolist())):
             answers[row].append(value)
+            if tap is not None:
+                states[row].append(hidden[i])
         if streamer is not None:
             streamer.put(token)
         if step == max_new_tokens - 1:
@@ -243,7 +265,8 @@ def decode(model: torch.nn.Module, state: Prefilled, max_new_tokens: int, min_ne
         position = position + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], use_cache=True,
                        **cache).logits[:, -1]
-    return answers
+        hidden = tap.last if tap is not None else None
+    return answers, states
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -255,7 +278,7 @@ def cache_argument(model: torch.nn.Module) -> str:
 def generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              progress: Callable[[int, int], None] | None = None, min_new_tokens: int = 0,
              decode_rows: int = DECODE_ROWS) -> list[str]:
-    """Greedy answers as text, from `generate_ids` in the prompts' order."""
-    answers = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, progress, min_new_tokens,
-                           decode_rows=decode_rows)
-    return answer_texts(tokenizer, answers, stop_ids(model, tokenizer))
+    """Greedy answers as text, from `generate_answers` in the prompts' order."""
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress, min_new_tokens,
+                               decode_rows=decode_rows)
+    return answer_texts(tokenizer, answers.ids, stop_ids(model, tokenizer))

@@ -23,12 +23,30 @@ def head_inputs(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Te
 
     handle = model.get_output_embeddings().register_forward_pre_hook(grab)
     try:
-        model(input_ids=ids, use_cache=False, **kwargs)
+        model(input_ids=ids, **{"use_cache": False, **kwargs})
     except _Stop:
         pass
     finally:
         handle.remove()
     return seen[0]
+
+
+class HeadTap:
+    """While entered, keeps in `last` the output head's input at the last position of the model's latest forward
+    pass, so a caller that runs the model for its logits also gets the hidden states behind them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.head, self.last, self._handle = model.get_output_embeddings(), None, None
+
+    def _grab(self, _module, args) -> None:
+        self.last = args[0][:, -1].clone()
+
+    def __enter__(self) -> "HeadTap":
+        self._handle = self.head.register_forward_pre_hook(self._grab)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._handle.remove()
 
 
 def chunked_head_matches(model: torch.nn.Module, ids: torch.Tensor) -> bool:

@@ -13,8 +13,8 @@ from backend.runs.spec import EvalSettings
 from backend.runs.uncertainty import uncertainty, units_of
 from backend.sources.datasets import Dataset, load_source
 from backend.sources.models import LoadedModel
-from metrics.divergence import forced_on_ids, model_divergence, teacher_forced
-from metrics.generation import answer_texts, generate_ids, stop_ids
+from metrics.divergence import answer_divergence, model_divergence, teacher_forced
+from metrics.generation import Answers, answer_texts, generate_answers, stop_ids
 from metrics.judge import JudgeConfig, judge
 from metrics.perplexity import perplexity
 from metrics.prompts import full_text_renderer, prompt_renderer
@@ -57,9 +57,9 @@ def task_prompts(settings: EvalSettings, tokenizer, records: list[dict]) -> list
 
 
 def answers_with_progress(lm: LoadedModel, prompts: list[str], settings: EvalSettings, stage: str,
-                          progress: StageProgress) -> list[list[int]]:
-    """Greedy answers' ids, reporting every decoding step in generated tokens of one row, out of prompts x max new
-    tokens (a batch that stops early counts its unused tokens as done)."""
+                          progress: StageProgress, keep_states: bool = False) -> Answers:
+    """Greedy answers (see generate_answers), reporting every decoding step in generated tokens of one row, out of
+    prompts x max new tokens (a batch that stops early counts its unused tokens as done)."""
     total = len(prompts) * settings.max_new_tokens
     answered = [0]
 
@@ -71,15 +71,17 @@ def answers_with_progress(lm: LoadedModel, prompts: list[str], settings: EvalSet
         report(steps.tokens)
 
     steps = TokenSteps(report)
-    return generate_ids(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
-                        progress=batch_done, streamer=steps)
+    return generate_answers(lm.model, lm.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                            progress=batch_done, streamer=steps, keep_states=keep_states)
 
 
 def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: str | None = None,
-                 log: Log = lambda _m: None, progress: StageProgress = lambda _stage, _done, _total: None, judge_key: str | None = None) -> dict:
+                 log: Log = lambda _m: None, progress: StageProgress = lambda _stage, _done, _total: None,
+                 judge_key: str | None = None, keep_states: bool = False) -> dict:
     """What one model scores on its own: perplexity, generated answers (cleaned text and the exact generated ids)
     and their judge verdicts. For the dense model this depends only on the model and the settings, so a store can
-    compute it once and reuse it."""
+    compute it once and reuse it. `keep_states` also keeps the output head's inputs behind the answers' tokens
+    ("answer_states", tensors: for the divergence along them, never stored)."""
     out: dict = {"seconds": {}}
     if settings.ppl:
         texts_source, texts = perplexity_texts(settings.ppl, data_dir)
@@ -97,10 +99,12 @@ def measure_side(lm: LoadedModel, settings: EvalSettings, side: str, data_dir: s
         records = records_of(settings.tasks, data_dir, settings.limit)
         prompts = task_prompts(settings, lm.tokenizer, records)
         started = time.perf_counter()
-        ids = answers_with_progress(lm, prompts, settings, f"answers {side}", progress)
-        texts = answer_texts(lm.tokenizer, ids, stop_ids(lm.model, lm.tokenizer))
+        answers = answers_with_progress(lm, prompts, settings, f"answers {side}", progress, keep_states)
+        texts = answer_texts(lm.tokenizer, answers.ids, stop_ids(lm.model, lm.tokenizer))
         out["outputs"] = [clean_output(text) for text in texts]
-        out["output_ids"] = ids
+        out["output_ids"] = answers.ids
+        if keep_states:
+            out["answer_states"] = answers.states
         out["seconds"][f"generate_{side}"] = time.perf_counter() - started
         log(f"generated {len(prompts)} answers with the {side} model")
         if settings.judge_model:
@@ -158,8 +162,7 @@ def harness_documents(side: dict) -> dict[str, list[float]]:
 
 def scored_tokens(tokenizer, ids, mask) -> list[str]:
     """The text of each token predicted at a scored position (position p predicts token p + 1)."""
-    targets = ids[1:][mask[:-1]].tolist()
-    return [tokenizer.decode([t]) for t in targets]
+    return [tokenizer.decode([t]) for t in ids[1:][mask[:-1]].tolist()]
 
 
 def hidden_ids(lm: LoadedModel) -> set[int]:
@@ -184,19 +187,19 @@ class AnswerDivergence:
 
 
 def divergence_on_answers(dense: LoadedModel, pruned: LoadedModel, records: list[dict], answers: list[list[int]],
-                          settings: EvalSettings, progress: Callable[[int, int], None]) -> AnswerDivergence:
-    """Teacher-force the exact ids of each pruned answer (its stop token included) after its prompt through both
-    models, so every token the pruned model wrote carries the JS divergence of the two models' predictions there
-    (the Generations page colours answers with it); re-tokenizing the decoded text could give other ids."""
+                          settings: EvalSettings, progress: Callable[[int, int], None],
+                          states: list | None = None, dense_memo: dict | None = None) -> AnswerDivergence:
+    """The two models' predictions along the exact ids of each pruned answer (its stop token included) after its
+    prompt, so every token the pruned model wrote carries their JS divergence there (the Generations page colours
+    answers with it); re-tokenizing the decoded text could give other ids. `states`: the pruned model's head inputs
+    from its generation (its own logits then cost no forward); `dense_memo` keeps the dense model's prompt cache."""
     tokenizer = pruned.tokenizer
     prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in task_prompts(settings, tokenizer, records)]
-    sequences, scored = forced_on_ids(prompts, answers)
-    result = model_divergence(dense.model, pruned.model, sequences, scored, batch_size=8, log2=settings.log2,
-                              progress=progress)
+    result = answer_divergence(dense.model, pruned.model, prompts, answers, states, batch_size=8, log2=settings.log2,
+                               progress=progress, dense_memo=dense_memo)
     hidden = hidden_ids(pruned)
-    return AnswerDivergence(result.jsd, result.per_sample,
-                            [scored_tokens(tokenizer, ids, mask) for ids, mask in zip(sequences, scored)],
-                            [scored_special(ids, mask, hidden) for ids, mask in zip(sequences, scored)])
+    return AnswerDivergence(result.jsd, result.per_sample, [[tokenizer.decode([t]) for t in a] for a in answers],
+                            [[t in hidden for t in a] for a in answers])
 
 
 def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, data_dir: str | None = None,
@@ -207,11 +210,12 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
     its 95% bootstrap interval, see backend/runs/uncertainty.py) and the per-example records;
     `progress(stage, done, total)` is called as each stage advances. `dense_side`, from `measure_side` on the
     dense model with the same settings, skips recomputing it; `dense_memo`, a dict kept with the dense model, lets
-    the divergence reuse the dense model's states on the records across calls (see model_divergence)."""
+    the divergences reuse across calls what the dense model read: its states on the records, its cache of the task
+    prompts (see model_divergence, answer_divergence)."""
     settings.check()
     if dense_side is None:
         dense_side = measure_side(dense, settings, "dense", data_dir, log, progress, judge_key)
-    pruned_side = measure_side(pruned, settings, "pruned", data_dir, log, progress, judge_key)
+    pruned_side = measure_side(pruned, settings, "pruned", data_dir, log, progress, judge_key, keep_states=True)
     summary: dict = {"dense": {}, "pruned": {}, "seconds": {**dense_side["seconds"], **pruned_side["seconds"]},
                      "protocol": {}}
     examples: list[dict] = []
@@ -260,7 +264,8 @@ def evaluate(dense: LoadedModel, pruned: LoadedModel, settings: EvalSettings, da
                           "pruned": {m: e[f"{m}_pruned"] for m in ("em", "f1", "rouge1")}}
                          for i, e in enumerate(compared["examples"])]
         answers = divergence_on_answers(dense, pruned, records, pruned_side["output_ids"], settings,
-                                        lambda d, n: progress("divergence on answers", d, n))
+                                        lambda d, n: progress("divergence on answers", d, n),
+                                        pruned_side["answer_states"], dense_memo)
         summary["answer_jsd"] = answers.jsd
         for example, tokens, special, sample in zip(task_examples, answers.tokens, answers.special,
                                                      answers.per_sample):

@@ -31,6 +31,7 @@ from compression.driver import prune_model
 from compression.methods import create
 from compression.patterns import parse_pattern
 from compression.report import Progress, peak_rss_mb
+from metrics.divergence import memo_bytes
 from metrics.judge import configured_endpoint, same_endpoint
 
 MEMO_BYTES = 512 * 2 ** 20  # the most the dense model's kept states may take before they are dropped
@@ -183,7 +184,7 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log, r
     else:
         dense_side = {**dense_side, "seconds": {}}
         log(f"dense side of the evaluation reused ({key})")
-    if sum(t.numel() * t.element_size() for t in cache.memo.values()) > MEMO_BYTES:
+    if memo_bytes(cache.memo) > MEMO_BYTES:
         cache.memo.clear()
     lm = replace(working, path=str(folder), name=f"{spec.model} ({spec.summary()})")
     summary, examples = evaluate(dense, lm, spec.evaluation, data_dir, log, report, dense_side=dense_side,

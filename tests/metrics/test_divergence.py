@@ -12,14 +12,15 @@ from backend.runs.evaluate import evaluate, records_of, task_prompts
 from backend.runs.spec import EvalSettings
 from backend.sources.models import LoadedModel
 from metrics.divergence import (
+    answer_divergence,
     divergence_from_logits,
-    forced_on_ids,
     model_divergence,
     teacher_forced,
 )
+from metrics.generation import generate_answers
 from metrics.prompts import unnatural_prompt
 from tests.conftest import tiny_model
-from tests.metrics.test_generation import bigram_model
+from tests.metrics.test_generation import PROMPTS, bigram_model
 
 
 def tiny_llama(seed: int) -> torch.nn.Module:
@@ -210,21 +211,56 @@ def space_and_letter(tokenizer) -> tuple[int, int]:
     return space, letter
 
 
-def test_forced_on_ids_scores_exactly_the_given_answer_ids(tokenizer):
-    space, letter = space_and_letter(tokenizer)
-    eos = tokenizer.eos_token_id
-    prompts, answers = [[5, 6, 7], [8, 9]], [[space, letter, eos], [space, letter, space, letter]]
-    sequences, masks = forced_on_ids(prompts, answers)
-    for prompt, answer, ids, mask in zip(prompts, answers, sequences, masks):
-        assert ids.tolist() == prompt + answer
-        rows = mask.nonzero().flatten()
-        assert rows.tolist() == list(range(len(prompt) - 1, len(ids) - 1))
-        assert ids[rows + 1].tolist() == answer
-    short, short_masks = forced_on_ids(prompts, answers, max_tokens=5)
-    assert [ids.tolist() for ids in short] == [[5, 6, 7, space, letter], [8, 9, space, letter, space]]
-    assert [m.nonzero().flatten().tolist() for m in short_masks] == [[2, 3], [1, 2, 3]]
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3_moe", "mistral", "gemma2"])
+def test_divergence_along_generated_answers_equals_float64_on_each_sequence_alone(arch, tokenizer):
+    """Along the answers the pruned model wrote (ending at different steps), the pruned logits taken from its
+    generation's states and the dense ones read after a cached prompt give, token by token, the float64 divergence
+    of each model's own forward over that prompt + answer alone. A second call reads the dense prompts from the memo
+    (its forwards then see only the answers) and gives the very same numbers, as without the memo; without states,
+    the same within rounding. Sliding windows (Mistral, Gemma 2) and a soft-capped head (Gemma 2) take the
+    whole-sequence path."""
+    dense, pruned = tiny_model(arch, vocab=len(tokenizer), seed=0), tiny_model(arch, vocab=len(tokenizer), seed=1)
+    with torch.no_grad():  # sharper attention than at init (near uniform there), so a position read wrong shows
+        for name, weight in [*dense.named_parameters(), *pruned.named_parameters()]:
+            if "attn" in name and weight.dim() == 2:
+                weight.mul_(8.0)
+    texts = PROMPTS + ["A long prompt that pads the others in its batch a fair amount, surely"]
+    pruned.generation_config.eos_token_id = [generate_answers(pruned, tokenizer, texts[:1], max_new_tokens=3).ids[0][2]]
+    made = generate_answers(pruned, tokenizer, texts, max_new_tokens=7, batch_size=2, keep_states=True)
+    assert len({len(a) for a in made.ids}) > 1, made.ids
+    prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    memo: dict = {}
+    result = answer_divergence(dense, pruned, prompts, made.ids, made.states, batch_size=3, dense_memo=memo)
+    with torch.no_grad():
+        for prompt, answer, sample in zip(prompts, made.ids, result.per_sample):
+            ids = torch.tensor([prompt + answer])
+            rows = torch.arange(len(prompt) - 1, ids.shape[1] - 1)
+            expected = direct(dense(input_ids=ids).logits[0, rows], pruned(input_ids=ids).logits[0, rows])
+            assert sample["scored_tokens"] == len(answer)
+            assert sample["token_jsd"] == pytest.approx(expected["jsd"].tolist(), abs=1e-6)
+            assert sample["kl_pruned_dense"] == pytest.approx(expected["kl_pruned_dense"].mean().item(), rel=1e-4)
+            assert sample["flip_rate"] == expected["flip"].double().mean().item()
+    widths: list[int] = []
+    dense.get_input_embeddings().register_forward_pre_hook(lambda _m, args: widths.append(args[0].shape[1]))
+    again = answer_divergence(dense, pruned, prompts, made.ids, made.states, batch_size=3, dense_memo=memo)
+    assert again.per_sample == result.per_sample
+    cached = arch not in ("mistral", "gemma2")
+    assert bool(memo) == cached
+    assert (max(widths) == max(map(len, made.ids))) == cached, widths
+    assert answer_divergence(dense, pruned, prompts, made.ids, made.states, batch_size=3).per_sample == result.per_sample
+    without = answer_divergence(dense, pruned, prompts, made.ids, None, batch_size=3)
+    for ours, theirs in zip(without.per_sample, result.per_sample):
+        assert ours["token_jsd"] == pytest.approx(theirs["token_jsd"], abs=1e-6)
+
+
+def test_answer_divergence_refuses_what_does_not_line_up(tokenizer):
+    model = tiny_model("llama", vocab=len(tokenizer))
     with pytest.raises(ValueError, match="2 prompts but 1 answers"):
-        forced_on_ids(prompts, answers[:1])
+        answer_divergence(model, model, [[5, 6], [7]], [[1]])
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        answer_divergence(model, model, [[5, 6], []], [[1], [2]])
+    with pytest.raises(ValueError, match=r"counts \[1, 1\] are not the answers' lengths \[1, 2\]"):
+        answer_divergence(model, model, [[5, 6], [7]], [[1], [2, 3]], [torch.zeros(1, 64), torch.zeros(1, 64)])
 
 
 @pytest.mark.parametrize("stops", [True, False], ids=["stops-at-eos", "runs-to-max-new-tokens"])

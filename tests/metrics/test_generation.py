@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from metrics.generation import generate, generate_ids, prefill_groups, stop_ids
+from metrics.generation import generate, generate_answers, prefill_groups, stop_ids
+from metrics.heads import head_inputs
 from tests.conftest import TINY, tiny_model
 
 PROMPTS = ["Name a colour.", "The capital of France is", "1, 2, 3,", "Write one word that rhymes with cat, please:",
@@ -58,7 +59,7 @@ def test_answers_that_end_at_different_steps_equal_the_librarys_generate(arch, t
     model = tiny_model(arch, vocab=len(tokenizer), seed=4)
     ends_at_different_steps(model, tokenizer.eos_token_id)
     prompts = PROMPTS + ["Count to ten:", "A long prompt that pads the others in its batch a fair amount, surely"]
-    ours = generate_ids(model, tokenizer, prompts, max_new_tokens=12, batch_size=4)
+    ours = generate_answers(model, tokenizer, prompts, max_new_tokens=12, batch_size=4).ids
     assert ours == library_greedy(model, tokenizer, prompts, 12)
     lengths = {len(a) for a in ours}
     assert len(lengths) > 2 and any(a[-1] == tokenizer.eos_token_id for a in ours), lengths
@@ -75,10 +76,10 @@ def test_batches_prefilled_apart_are_decoded_together_within_decode_rows(arch, t
     steps: list[int] = []
     model.get_input_embeddings().register_forward_pre_hook(
         lambda _m, args: steps.append(args[0].shape[0]) if args[0].shape[1] == 1 else None)
-    assert generate_ids(model, tokenizer, prompts, max_new_tokens=12, batch_size=3) == expected
+    assert generate_answers(model, tokenizer, prompts, max_new_tokens=12, batch_size=3).ids == expected
     assert steps == [7] * 11
     steps.clear()
-    assert generate_ids(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, decode_rows=6) == expected
+    assert generate_answers(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, decode_rows=6).ids == expected
     assert steps == [6] * 11 + [1] * 11
 
 
@@ -95,11 +96,29 @@ def test_a_prefix_every_prompt_shares_goes_through_the_model_once(arch, tokenize
     expected = library_greedy(model, tokenizer, prompts, 12)
     shapes: list[tuple] = []
     model.get_input_embeddings().register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
-    assert generate_ids(model, tokenizer, prompts, max_new_tokens=12, batch_size=3) == expected
+    assert generate_answers(model, tokenizer, prompts, max_new_tokens=12, batch_size=3).ids == expected
     sliding = arch in ("mistral", "gemma3")
     assert (shapes[0] == (1, shared)) != sliding, (shapes[:3], shared)
     assert sum(rows * length for rows, length in shapes if length > 1) \
         < sum(map(len, (tokenizer(p, add_special_tokens=False).input_ids for p in prompts))) or sliding
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "gemma3"])
+def test_kept_states_are_what_the_head_read_for_each_generated_token(arch, tokenizer):
+    """With keep_states, each answer comes with one state per token; the head on them picks exactly the tokens
+    written, and they equal the head inputs of the model's own forward over that prompt + answer alone."""
+    model = tiny_model(arch, vocab=len(tokenizer), seed=6)
+    model.generation_config.eos_token_id = [generate_answers(model, tokenizer, PROMPTS[:1], max_new_tokens=3).ids[0][1]]
+    made = generate_answers(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, keep_states=True)
+    assert made.ids == generate_answers(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2).ids
+    assert len({len(a) for a in made.ids}) > 1
+    with torch.no_grad():
+        for prompt, answer, states in zip(PROMPTS, made.ids, made.states):
+            assert states.shape == (len(answer), model.config.hidden_size)
+            ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            whole = head_inputs(model, torch.tensor([ids + answer]))[0, len(ids) - 1:-1]
+            torch.testing.assert_close(states, whole, rtol=0, atol=1e-5)
+            assert model.get_output_embeddings()(states).argmax(-1).tolist() == answer
 
 
 def test_prefill_groups_hold_at_most_rows_prompts_and_tokens_padded_tokens():
@@ -179,10 +198,10 @@ def test_every_eos_of_a_llama3_style_generation_config_stops_the_answer(tokenize
                                           ends[1]: c, c: tokenizer.eos_token_id,
                                           ends[2]: d, d: d}, seed=4)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, second_eos]
-    ids = generate_ids(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    ids = generate_answers(model, tokenizer, prompts, max_new_tokens=5, batch_size=3).ids
     assert ids == [[a, b, second_eos], [c, tokenizer.eos_token_id], [d] * 5]
     assert generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=3) == ["AB", "C", "DDDDD"]
-    assert [generate_ids(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts] == ids
+    assert [generate_answers(model, tokenizer, [p], max_new_tokens=5).ids[0] for p in prompts] == ids
 
 
 def test_bad_sizes_are_refused(tokenizer):

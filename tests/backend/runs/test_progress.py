@@ -20,7 +20,7 @@ from backend.runs.progress import (
 from backend.runs.store import Store
 from backend.runs.worker import stop_worker
 from compression.calibration import windows_from_model
-from metrics.generation import generate_ids
+from metrics.generation import generate_answers
 from tests.conftest import TINY_EVAL
 from tests.conftest import backend_cli as cli
 
@@ -97,8 +97,8 @@ def test_generation_reports_every_decoding_step(tiny_folder):
     tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
     counts: list[int] = []
     steps = TokenSteps(counts.append)
-    generate_ids(model, tokenizer, ["one", "two words", "three more words"], max_new_tokens=5, batch_size=2,
-                 min_new_tokens=5, streamer=steps)
+    generate_answers(model, tokenizer, ["one", "two words", "three more words"], max_new_tokens=5, batch_size=2,
+                     min_new_tokens=5, streamer=steps)
     # prefilled 2 and 1 at a time, decoded together, 5 tokens each (the prompt is not counted): one report per step
     assert counts == [3, 6, 9, 12, 15]
     counts.clear()
