@@ -23,14 +23,14 @@ from backend.runs.progress import (
     measured_rates,
     plan_for,
 )
-from backend.runs.spec import RunSpec, dense_key
+from backend.runs.spec import RunSpec, dense_key, prune_key
 from backend.runs.store import Store
 from backend.sources import models
 from backend.sources.calibration import build_calibration, open_source
 from compression.driver import prune_model
 from compression.methods import create
 from compression.patterns import parse_pattern
-from compression.report import Progress, peak_rss_mb
+from compression.report import Progress, PruneReport, peak_rss_mb
 from metrics.divergence import memo_bytes
 from metrics.judge import configured_endpoint, same_endpoint
 
@@ -38,23 +38,46 @@ MEMO_BYTES = 512 * 2 ** 20  # the most the dense model's kept states may take be
 
 
 @dataclass
+class KeptPrune:
+    """A job's pruned model and its report, kept so that a next job that would prune the very same weights with the
+    very same calibration (equal prune_key), such as the same pruning under other evaluation settings, evaluates it
+    without pruning again."""
+
+    key: str
+    run_id: str
+    lm: models.LoadedModel = field(repr=False)
+    engine: PruneReport = field(repr=False)
+    prune: dict = field(repr=False)
+    layers: list[dict] = field(repr=False)
+
+
+@dataclass
 class ModelCache:
-    """Keeps the dense model of the last job loaded, so jobs on the same model skip loading it again."""
+    """Keeps the dense model of the last job loaded, so jobs on the same model skip loading it again, and that
+    job's pruned model, so a next job that would prune the very same weights skips pruning."""
 
     device: str = "auto"
     log: Log = stderr_log
     key: tuple | None = None
     dense: models.LoadedModel | None = field(default=None, repr=False)
     memo: dict = field(default_factory=dict, repr=False)  # what the dense model computed that jobs share
+    pruned: KeptPrune | None = field(default=None, repr=False)
 
     def get(self, spec: RunSpec) -> models.LoadedModel:
         key = (spec.model, spec.dtype, self.device)
         if key != self.key:
-            self.dense, self.key = None, None
+            self.dense, self.key, self.pruned = None, None, None
             self.memo.clear()
             self.dense = models.load(spec.model, self.device, spec.dtype, log=self.log)
             self.key = key
         return self.dense
+
+    def kept_prune(self, key: str) -> KeptPrune | None:
+        """The kept pruned model when its weights are the ones `key` names; any other is let go first, so its memory
+        is free before the next working copy is made."""
+        if self.pruned is not None and self.pruned.key != key:
+            self.pruned = None
+        return self.pruned
 
     def working_copy(self, spec: RunSpec) -> models.LoadedModel:
         """A copy of the dense model to prune in place: copied in memory when it fits, else loaded again (a model
@@ -121,41 +144,20 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log, r
                     measured_rates(store, spec.model, dense.device.type, spec.calibration == "self")
                     if rates is None else rates)
     report.start_plan(plan if job["kind"] == "full" else plan[:3])
-    held_out = spec.held_out_records()
-    report("calibration", 0, spec.nsamples, message=f"{spec.calibration}: {spec.nsamples} x {spec.seqlen} tokens"
-           + (f", its first {held_out} records held out (the evaluation reads them)" if held_out else ""))
-    source = open_source(spec.calibration, data_dir)
-    if spec.calibration == "self":
-        tokens = spec.nsamples * spec.seqlen
-        steps = TokenSteps(lambda n: report("calibration", n, tokens, message=f"the model writes {spec.nsamples} x "
-                                            f"{spec.seqlen} tokens: {n} of {tokens}"))
+    pruning = prune_key(spec, prints)
+    kept = cache.kept_prune(pruning)
+    if kept is None:
+        working, engine, prune = prune_working_copy(spec, cache, dense, report, data_dir)
+        layers = prune.pop("layers")
+        cache.pruned = KeptPrune(pruning, run_id, working, engine, prune, layers)
     else:
-        steps = None
-    calibration = build_calibration(source, dense.model, dense.tokenizer, spec.nsamples, spec.seqlen, spec.seed,
-                                    spec.template, progress=None if steps else
-                                    lambda d, n: report("calibration", d, n), streamer=steps, held_out=held_out)
-    working = cache.working_copy(spec)
-    method = create(spec.method, sparsity=spec.sparsity, pattern=parse_pattern(spec.pattern),
-                    **({"per_row": True} if spec.per_row else {}))
-
-    def on_layer(event: Progress) -> None:
-        if event.stage == "allocation":
-            report("pruning", 0, event.layers, message=f"OWL allocation pass (dense outlier ratios): layer "
-                                                        f"{event.layer} of {event.layers}")
-            return
-        done = event.layer if event.stage == "layer" else event.layer - 1
-        report("pruning", done, event.layers, message=f"layer {event.layer} of {event.layers} {event.module}".strip())
-
-    started = time.perf_counter()
-    pruned = prune_model(working.model, calibration, method, order=spec.order, targets=spec.targets,
-                         device=working.device, progress=on_layer)
-    prune = {**pruned.to_dict(), "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
-             **({"placement": working.placement.to_dict()} if working.placement else {}),
-             "calibration_held_out": held_out}
-    layers = prune.pop("layers")
+        working, engine, layers = kept.lm, kept.engine, kept.layers
+        prune = {**kept.prune, "reused_from": kept.run_id}
+        log(f"run {run_id}: pruned as run {kept.run_id} was (same model, method, settings and calibration), whose "
+            f"pruned model this worker still holds: not pruned again")
     report("saving", 0, 1, message="writing the pruned model")
     folder = save_pruned(working.model, working.tokenizer, store.run_folder(run_id) / MODEL_ARTIFACT,
-                         {"run_id": run_id, "spec": spec.to_dict(), "report": pruned.to_dict()}, overwrite=True,
+                         {"run_id": run_id, "spec": spec.to_dict(), "report": engine.to_dict()}, overwrite=True,
                          owned=True)
     files = describe(folder)
     store.save_artifact(run_id, MODEL_ARTIFACT, folder, files)
@@ -194,6 +196,45 @@ def execute(store: Store, job: dict, cache: ModelCache, log: Log = stderr_log, r
     summary["evaluation_key"] = twin_key
     store.save_results(run_id, prune, layers, summary, examples)
     log(f"run {run_id}: done")
+
+
+def prune_working_copy(spec: RunSpec, cache: ModelCache, dense: models.LoadedModel, report: Reporter,
+                       data_dir: str | None) -> tuple[models.LoadedModel, PruneReport, dict]:
+    """Build the run's calibration and prune a copy of the dense model with it; returns the pruned copy, the
+    engine's report, and the run's prune record (the report with its time, peak memory, placement and held-out
+    records)."""
+    held_out = spec.held_out_records()
+    report("calibration", 0, spec.nsamples, message=f"{spec.calibration}: {spec.nsamples} x {spec.seqlen} tokens"
+           + (f", its first {held_out} records held out (the evaluation reads them)" if held_out else ""))
+    source = open_source(spec.calibration, data_dir)
+    if spec.calibration == "self":
+        tokens = spec.nsamples * spec.seqlen
+        steps = TokenSteps(lambda n: report("calibration", n, tokens, message=f"the model writes {spec.nsamples} x "
+                                            f"{spec.seqlen} tokens: {n} of {tokens}"))
+    else:
+        steps = None
+    calibration = build_calibration(source, dense.model, dense.tokenizer, spec.nsamples, spec.seqlen, spec.seed,
+                                    spec.template, progress=None if steps else
+                                    lambda d, n: report("calibration", d, n), streamer=steps, held_out=held_out)
+    working = cache.working_copy(spec)
+    method = create(spec.method, sparsity=spec.sparsity, pattern=parse_pattern(spec.pattern),
+                    **({"per_row": True} if spec.per_row else {}))
+
+    def on_layer(event: Progress) -> None:
+        if event.stage == "allocation":
+            report("pruning", 0, event.layers, message=f"OWL allocation pass (dense outlier ratios): layer "
+                                                        f"{event.layer} of {event.layers}")
+            return
+        done = event.layer if event.stage == "layer" else event.layer - 1
+        report("pruning", done, event.layers, message=f"layer {event.layer} of {event.layers} {event.module}".strip())
+
+    started = time.perf_counter()
+    pruned = prune_model(working.model, calibration, method, order=spec.order, targets=spec.targets,
+                         device=working.device, progress=on_layer)
+    prune = {**pruned.to_dict(), "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+             **({"placement": working.placement.to_dict()} if working.placement else {}),
+             "calibration_held_out": held_out}
+    return working, pruned, prune
 
 
 def evaluation_key(dense: str, files: dict[str, dict]) -> str:

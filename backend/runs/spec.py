@@ -293,6 +293,21 @@ def dense_key(spec: RunSpec, prints: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def prune_key(spec: RunSpec, prints: dict) -> str:
+    """Identifies a run's pruned weights and per-layer report: the model's files, dtype and provenance, the method
+    with every setting, and the calibration (source and data, size, seed, template, records held out). Runs that
+    differ only in what they evaluate have equal keys: a worker prunes those weights once."""
+    calibration = {"source": spec.calibration, "data": prints["data"].get(spec.calibration), "nsamples": spec.nsamples,
+                   "seqlen": spec.seqlen, "seed": spec.seed, "template": spec.template,
+                   "held_out": spec.held_out_records()}
+    words = {"model": spec.model, "model_fp": prints["model"], "dtype": spec.dtype,
+             "provenance": prints.get("provenance"), "method": spec.method, "sparsity": spec.sparsity,
+             "pattern": spec.pattern, "order": spec.order, "per_row": spec.per_row, "targets": spec.targets.to_dict(),
+             "calibration": calibration}
+    canonical = json.dumps(words, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def run_id_of(spec: RunSpec, data_dir: str | None = None, device: str = "auto") -> str:
     """The id a submission of this spec gets now (normalised, with today's model files, data and provenance)."""
     spec = spec.normalised()
