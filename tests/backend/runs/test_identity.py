@@ -12,7 +12,14 @@ from dataclasses import replace
 import pytest
 
 from backend.runs.identity import code_version, device_type, provenance
-from backend.runs.spec import EvalSettings, RunSpec, SpecError, fingerprints, run_id
+from backend.runs.spec import (
+    EvalSettings,
+    RunSpec,
+    SpecError,
+    fingerprints,
+    prune_key,
+    run_id,
+)
 from backend.runs.store import Store
 from backend.runs.worker import stop_worker
 from tests.conftest import ROOT
@@ -126,3 +133,22 @@ def test_lm_eval_settings_split_ids_only_when_set_and_follow_the_task_files(fold
     assert identity(scored) != first
     with pytest.raises(SpecError, match="need --lm-eval TASKS"):
         spec_of(folder, evaluation=replace(EVAL, lm_eval_fewshot=2)).check()
+
+
+def test_the_prune_key_changes_with_what_the_weights_read_and_not_with_what_is_evaluated(folder):
+    """Runs that differ only in their evaluation prune the same weights (one prune key); the method's settings, the
+    calibration's seed, size and source, and records held out of it for the evaluation each make other weights."""
+    def key(spec: RunSpec) -> str:
+        spec = spec.normalised()
+        return prune_key(spec, fingerprints(spec))
+
+    base = key(spec_of(folder))
+    assert key(spec_of(folder, evaluation=replace(EVAL, ppl_windows=3))) == base
+    assert key(spec_of(folder, evaluation=replace(EVAL, tasks="demo", limit=4))) == base
+    for changed in ({"seed": 1}, {"nsamples": 8}, {"calibration": "demo"}, {"sparsity": 0.6}, {"method": "magnitude"},
+                    {"pattern": "2:4"}, {"order": "reference"},
+                    {"calibration": "demo", "evaluation": replace(EVAL, tasks="demo", limit=4)}):
+        assert key(spec_of(folder, **changed)) != base, changed
+    held_out = spec_of(folder, calibration="demo", evaluation=replace(EVAL, tasks="demo", limit=4))
+    assert held_out.held_out_records() == 4
+    assert key(held_out) != key(spec_of(folder, calibration="demo"))
