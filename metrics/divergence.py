@@ -13,6 +13,7 @@ from metrics.generation import cache_argument, plain_cache
 from metrics.heads import chunked_head_matches, head_inputs
 
 LN2 = math.log(2.0)
+MEMO_BYTES = 512 << 20  # the most a dense model's memo holds: prompt caches are kept only within it
 
 
 @dataclass
@@ -278,8 +279,8 @@ def _continuation_rows(model: torch.nn.Module, prompts: list[list[int]], answers
 def _context_cache(model: torch.nn.Module, contexts: list[list[int]], device: torch.device,
                    memo: dict | None) -> tuple[object, torch.Tensor] | None:
     """A fresh DynamicCache holding the left-padded `contexts` and their attention mask, read from `memo` when these
-    very contexts were read before (their keys and values copied, so the memo stays as it was); None when the
-    model's cache is not made of plain growing layers."""
+    very contexts were read before (their keys and values copied, so the memo stays as it was) and kept there when
+    the memo stays within MEMO_BYTES; None when the model's cache is not made of plain growing layers."""
     from transformers import DynamicCache
 
     width = max(len(c) for c in contexts)
@@ -304,8 +305,9 @@ def _context_cache(model: torch.nn.Module, contexts: list[list[int]], device: to
                 **{cache_argument(model): kv})
     if not kv.layers or not plain_cache(kv):
         return None
-    if memo is not None:
-        memo[key] = tuple((layer.keys, layer.values) for layer in kv.layers)
+    kept = tuple((layer.keys, layer.values) for layer in kv.layers)
+    if memo is not None and memo_bytes(memo) + memo_bytes({key: kept}) <= MEMO_BYTES:
+        memo[key] = kept
     return kv, mask
 
 

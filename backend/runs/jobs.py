@@ -31,10 +31,8 @@ from compression.driver import prune_model
 from compression.methods import create
 from compression.patterns import parse_pattern
 from compression.report import Progress, PruneReport, peak_rss_mb
-from metrics.divergence import memo_bytes
+from metrics.divergence import MEMO_BYTES, memo_bytes
 from metrics.judge import configured_endpoint, same_endpoint
-
-MEMO_BYTES = 512 * 2 ** 20  # the most the dense model's kept states may take before they are dropped
 
 
 @dataclass

@@ -253,6 +253,22 @@ def test_divergence_along_generated_answers_equals_float64_on_each_sequence_alon
         assert ours["token_jsd"] == pytest.approx(theirs["token_jsd"], abs=1e-6)
 
 
+def test_prompt_caches_are_kept_only_within_the_memo_budget(tokenizer, monkeypatch):
+    """A memo at its budget keeps no prompt cache (a big task set on a big model would otherwise hold gigabytes) and
+    the numbers are the same."""
+    import metrics.divergence as divergence
+    dense, pruned = tiny_model("llama", vocab=len(tokenizer), seed=0), tiny_model("llama", vocab=len(tokenizer), seed=1)
+    made = generate_answers(pruned, tokenizer, PROMPTS, max_new_tokens=3, keep_states=True)
+    prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in PROMPTS]
+    roomy: dict = {}
+    kept = answer_divergence(dense, pruned, prompts, made.ids, made.states, batch_size=2, dense_memo=roomy)
+    monkeypatch.setattr(divergence, "MEMO_BYTES", divergence.memo_bytes(roomy) - 1)
+    tight: dict = {}
+    assert answer_divergence(dense, pruned, prompts, made.ids, made.states, batch_size=2,
+                             dense_memo=tight).per_sample == kept.per_sample
+    assert len(roomy) == 3 and len(tight) == 2 and divergence.memo_bytes(tight) < divergence.memo_bytes(roomy)
+
+
 def test_answer_divergence_refuses_what_does_not_line_up(tokenizer):
     model = tiny_model("llama", vocab=len(tokenizer))
     with pytest.raises(ValueError, match="2 prompts but 1 answers"):
