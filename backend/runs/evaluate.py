@@ -162,7 +162,8 @@ def harness_documents(side: dict) -> dict[str, list[float]]:
 
 def scored_tokens(tokenizer, ids, mask) -> list[str]:
     """The text of each token predicted at a scored position (position p predicts token p + 1)."""
-    return [tokenizer.decode([t]) for t in ids[1:][mask[:-1]].tolist()]
+    targets = ids[1:][mask[:-1]].tolist()
+    return [tokenizer.decode([t]) for t in targets]
 
 
 def hidden_ids(lm: LoadedModel) -> set[int]:
