@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -107,6 +110,29 @@ def converted_folder(name: str) -> Path | None:
     return folder if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() else None
 
 
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """transformers parses the GGUF file three times (tokenizer, config, weights: ~6 s each here, 49k vocabulary
+    strings read field by field) and rebuilds gguf's tensor-name map once per module (~10 s in all): within this
+    block each file is parsed once and each map built once. The folder written is byte for byte the same."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed: dict = {}
+
+    def read(path, mode: str = "r"):
+        key = (os.path.realpath(path), mode)
+        if key not in parsed:
+            parsed[key] = reader(path, mode)
+        return parsed[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def ensure_embedded(name: str = DEFAULT_MODEL, log=None) -> Path:
     """Dequantize the embedded GGUF once into a cached fp32 Hugging Face folder and return that folder."""
     folder = converted_folder(name)
@@ -118,9 +144,10 @@ def ensure_embedded(name: str = DEFAULT_MODEL, log=None) -> Path:
     gguf = embedded_gguf(name)
     if log:
         log(f"converting {gguf.name} into {folder} (once, ~30 s)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    with gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

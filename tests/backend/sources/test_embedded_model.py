@@ -28,6 +28,29 @@ def test_embedded_model_loads_as_a_llama_with_tied_embeddings(embedded_folder):
     assert len(lm.model.model.layers) == 30 and lm.tokenizer("Hello").input_ids[0] != lm.tokenizer.bos_token_id
 
 
+def test_the_conversion_parses_the_gguf_once_and_keeps_its_weights(embedded_folder):
+    """The conversion (gguf_parsed_once around transformers' loaders) hands every loader one parse of the file and
+    gives gguf its own reader back after; the converted weights equal gguf's own dequantization of the file's."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from backend.sources.models import embedded_gguf, gguf_parsed_once
+    path = embedded_gguf("smollm2-135m")
+    original = gguf.GGUFReader
+    with gguf_parsed_once():
+        reader = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is reader
+    assert gguf.GGUFReader is original
+    tensors = {t.name: t for t in reader.tensors}
+    weights = load_file(embedded_folder / "model.safetensors")
+    for gguf_name, name in (("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+                            ("blk.29.attn_v.weight", "model.layers.29.self_attn.v_proj.weight"),
+                            ("token_embd.weight", "model.embed_tokens.weight")):
+        t = tensors[gguf_name]
+        expected = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).reshape(weights[name].shape)
+        assert torch.equal(weights[name], expected.float()), name
+
+
 def test_calibrated_methods_keep_perplexity_where_magnitude_loses_it(texts):
     docs, wiki = texts
     ppl = {}
