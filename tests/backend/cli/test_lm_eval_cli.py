@@ -1,7 +1,8 @@
-"""lm-eval as a first-class evaluation, against lm-eval's own CLI as the oracle: the scores PruneScope computes in
-process (the tiny model through the store's worker, the embedded model through api.evaluate) equal those of
-`python -m lm_eval --model hf` run on the saved dense and pruned folders, to 1e-9; the run's progress counted
-lm-eval's requests; bad task settings are refused in one line with nothing queued."""
+"""lm-eval as a first-class evaluation, against lm-eval's own code as the oracle: the scores PruneScope computes in
+process (the tiny model through the store's worker, the embedded model through api.evaluate) equal those lm-eval's
+own evaluator computes on the saved dense and pruned folders (what `python -m lm_eval --model hf` runs, checked
+against the CLI itself on one folder), to 1e-9; the run's progress counted lm-eval's requests; bad task settings
+are refused in one line with nothing queued."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ TINY_LIMIT, EMBEDDED_LIMIT = 24, 32
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 
 
+ORACLE = Path(__file__).with_name("lm_eval_oracle.py")
+
+
 def lm_eval_cli(folder: Path, out: Path, limit: int) -> subprocess.Popen:
     """lm-eval's own CLI on a saved model folder, started from the shipped task's folder (lm-eval reads a relative
     data file from the working directory)."""
@@ -34,43 +38,73 @@ def lm_eval_cli(folder: Path, out: Path, limit: int) -> subprocess.Popen:
         cwd=SHIPPED, stdout=subprocess.DEVNULL, stderr=open(out / "stderr.txt", "w"))
 
 
-def cli_scores(process: subprocess.Popen, out: Path) -> dict[str, float]:
+def cli_scores(process: subprocess.Popen, out: Path, limit: int) -> dict[str, float]:
+    """The scores of `lm_eval_cli`'s results file."""
     assert process.wait(timeout=600) == 0, (out / "stderr.txt").read_text()[-3000:]
     found = json.loads(next(out.rglob("results_*.json")).read_text())
-    assert found["n-samples"][SHIPPED_TASK]["effective"] > 0
+    assert found["n-samples"][SHIPPED_TASK]["effective"] == limit
     return {metric_name(k): v for k, v in found["results"][SHIPPED_TASK].items() if "," in k}
+
+
+class Oracle:
+    """lm_eval_oracle.py in its own process, asked folder after folder while this process computes its own scores."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, str(ORACLE), str(SHIPPED), SHIPPED_TASK], cwd=SHIPPED,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+        self.asked: list[int] = []
+
+    def ask(self, folder: Path, limit: int) -> None:
+        self.process.stdin.write(json.dumps({"folder": str(folder), "limit": limit}) + "\n")
+        self.process.stdin.flush()
+        self.asked.append(limit)
+
+    def answers(self) -> list[dict[str, float]]:
+        out, err = self.process.communicate(timeout=600)
+        assert self.process.returncode == 0, err[-3000:]
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert [line["effective"] for line in lines] == self.asked
+        return [{metric_name(k): v for k, v in line["results"].items() if "," in k} for line in lines]
 
 
 @pytest.fixture(scope="module")
 def oracle(request, tiny_folder, embedded_folder, tmp_path_factory) -> dict:
-    """PruneScope's scores and the CLI's for four folders: the tiny dense model and its Wanda run from the store, the
-    embedded model and its magnitude 50% pruned in process. The CLI runs go side by side, the dense ones started
-    first so they overlap the store's runs."""
+    """PruneScope's scores and lm-eval's for four folders: the tiny dense model and its Wanda run from the store, the
+    embedded model and its magnitude 50% pruned in process. lm-eval's own evaluator (lm_eval_oracle.py) scores the
+    folders in a process of its own as they are written, beside this one; lm-eval's CLI itself scores the embedded
+    dense folder meanwhile, the oracle's own check."""
     root = tmp_path_factory.mktemp("lm-oracle")
-    started = {name: (lm_eval_cli(folder, root / name.replace(" ", "-"), limit), root / name.replace(" ", "-"))
-               for name, folder, limit in (("tiny dense", tiny_folder, TINY_LIMIT),
-                                           ("embedded dense", embedded_folder, EMBEDDED_LIMIT))}
+    cli = (lm_eval_cli(embedded_folder, root / "cli", EMBEDDED_LIMIT), root / "cli", EMBEDDED_LIMIT)
+    lm_eval = Oracle()
+    lm_eval.ask(tiny_folder, TINY_LIMIT)
+    lm_eval.ask(embedded_folder, EMBEDDED_LIMIT)
     store = Store(request.getfixturevalue("lm_store"))
     wanda = next(r for r in store.runs() if r["method"] == "wanda")
     tiny = store.metrics(wanda["run_id"])["summary"]
-    started["tiny pruned"] = (lm_eval_cli(store.artifact(wanda["run_id"], "model")["path"], root / "tiny-pruned",
-                                          TINY_LIMIT), root / "tiny-pruned")
+    lm_eval.ask(store.artifact(wanda["run_id"], "model")["path"], TINY_LIMIT)
     pruned = api.prune("smollm2-135m", "magnitude", 0.5, calibration="demo-prose", nsamples=1, seqlen=64,
                        device="cpu")
-    started["embedded pruned"] = (lm_eval_cli(pruned.save(root / "embedded-magnitude"), root / "embedded-pruned",
-                                              EMBEDDED_LIMIT), root / "embedded-pruned")
+    lm_eval.ask(pruned.save(root / "embedded-magnitude"), EMBEDDED_LIMIT)
     dense = api.load("smollm2-135m", device="cpu")
     embedded, _ = api.evaluate(dense, pruned, ppl=None, jsd=None, tasks=None, lm_eval=(SHIPPED_TASK,),
                                lm_eval_limit=EMBEDDED_LIMIT, device="cpu")
-    return {"ours": {"tiny": tiny, "embedded": embedded}, "run": wanda, "store": store,
-            "cli": {name: cli_scores(*pair) for name, pair in started.items()}}
+    scores = dict(zip(("tiny dense", "embedded dense", "tiny pruned", "embedded pruned"), lm_eval.answers()))
+    return {"ours": {"tiny": tiny, "embedded": embedded}, "run": wanda, "store": store, "lm_eval": scores,
+            "cli": cli_scores(*cli)}
+
+
+def test_the_oracle_scores_what_lm_evals_own_cli_scores(oracle):
+    """lm_eval_oracle.py is lm-eval's CLI without its index of built-in tasks: on the embedded dense folder the
+    CLI's results file holds the very same numbers."""
+    assert oracle["cli"] == oracle["lm_eval"]["embedded dense"]
 
 
 @pytest.mark.parametrize("model", ["tiny", "embedded"])
 def test_scores_equal_lm_evals_own_cli_on_the_saved_folders(oracle, model):
     summary = oracle["ours"][model]
     for side in ("dense", "pruned"):
-        cli = oracle["cli"][f"{model} {side}"]
+        cli = oracle["lm_eval"][f"{model} {side}"]
         for metric in METRICS:
             name = metric.removesuffix("_stderr")
             part = "lm_eval_stderr" if metric.endswith("_stderr") else "lm_eval"
@@ -98,8 +132,8 @@ def test_the_run_counted_lm_evals_requests_and_its_row_carries_the_scores(oracle
     row = next(r for r in store.runs() if r["run_id"] == run["run_id"])
     key = f"lm:{SHIPPED_TASK}:acc"
     assert row["lm_eval"] == [key, f"lm:{SHIPPED_TASK}:acc_norm"]
-    assert row[f"pruned_{key}"] == oracle["cli"]["tiny pruned"]["acc"]
-    assert row[f"dense_{key}_stderr"] == pytest.approx(oracle["cli"]["tiny dense"]["acc_stderr"], abs=1e-9)
+    assert row[f"pruned_{key}"] == oracle["lm_eval"]["tiny pruned"]["acc"]
+    assert row[f"dense_{key}_stderr"] == pytest.approx(oracle["lm_eval"]["tiny dense"]["acc_stderr"], abs=1e-9)
     assert "lm-eval 0.4.13: prunescope_facts v1.0 (24 docs, 0-shot)" in protocol_label(row["protocol"])
     # the dense side is scored once for the two runs of the sweep, and both carry the same dense numbers
     summaries = [store.metrics(r["run_id"])["summary"] for r in store.runs()]
