@@ -212,6 +212,20 @@ def report(sides: dict[str, list[dict]], old: str) -> None:
     different = compare(sides["old"][0], sides["new"][0])
     print("same numbers on both sides (sparsity, perplexities, JS, flips, F1): "
           + ("yes" if not different else "NO: " + "; ".join(different[:6])))
+    moved = largest_change(sides["old"][0], sides["new"][0], "answer_jsd")
+    if moved is not None:
+        print(f"JS along the pruned answers (now from the generation's own states and a cached dense prompt): "
+              f"largest |new - old| over the runs {moved:.1e}")
+
+
+def largest_change(old: dict, new: dict, key: str) -> float | None:
+    """The largest absolute difference of one number between the runs of two studies (matched as in compare); None
+    when neither side has it."""
+    cell = lambda run: (run["method"], run["calibration"])
+    olds = {cell(r): r.get(key) for r in old["runs"].values()}
+    pairs = [(olds.get(cell(r)), r.get(key)) for r in new["runs"].values()]
+    found = [abs(a - b) for a, b in pairs if a is not None and b is not None]
+    return max(found) if found else None
 
 
 if __name__ == "__main__":
