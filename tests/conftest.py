@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,22 @@ def filled_store(tmp_path_factory, tiny_folder) -> Path:
                 "--calibrations", "demo-prose", "demo", "--nsamples", "4", "--seqlen", "64", *TINY_EVAL)
     yield root
     stop_worker(root)
+
+
+@pytest.fixture(scope="session")
+def two_protocols_store(filled_store, tiny_folder, tmp_path_factory) -> Path:
+    """A copy of the filled store plus one Wanda run whose perplexity read 1 window instead of 2 (another protocol),
+    by the real CLI and worker; read-only for its users."""
+    root = tmp_path_factory.mktemp("two-protocols") / "store"
+    shutil.copytree(filled_store, root, ignore=shutil.ignore_patterns("*.lock", "runs"))
+    fewer = list(TINY_EVAL)
+    fewer[fewer.index("--ppl-windows") + 1] = "1"
+    try:
+        backend_cli(root, "run", "--model", str(tiny_folder), "--method", "wanda", "--sparsity", "0.5",
+                    "--calibration", "demo-prose", "--nsamples", "4", "--seqlen", "64", *fewer)
+    finally:
+        stop_worker(root)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from backend.runs.protocol import part_label, protocol_label
 from backend.runs.store import Store
-from backend.runs.worker import stop_worker
-from tests.conftest import ROOT, TINY_EVAL, backend_cli
+from tests.conftest import ROOT
 
 RUN_ID = re.compile(r"\b[0-9a-f]{16}\b")
 
@@ -28,16 +26,10 @@ def clear_caches():
 
 
 @pytest.fixture(scope="module")
-def two_protocols(filled_store, tiny_folder, tmp_path_factory) -> tuple[Path, dict[str, set[str]], dict[str, dict]]:
-    """A copy of the filled store plus one wanda run whose perplexity used 1 window instead of 2; returns the store,
-    each protocol key's run ids and each key's protocol."""
-    root = tmp_path_factory.mktemp("protocols") / "store"
-    shutil.copytree(filled_store, root, ignore=shutil.ignore_patterns("runs", "*.lock"))
-    evaluation = list(TINY_EVAL)
-    evaluation[evaluation.index("--ppl-windows") + 1] = "1"
-    backend_cli(root, "sweep", "--model", str(tiny_folder), "--methods", "wanda", "--sparsities", "0.5",
-                "--calibrations", "demo-prose", "--nsamples", "4", "--seqlen", "64", *evaluation)
-    db = Store(root)
+def two_protocols(two_protocols_store) -> tuple[Path, dict[str, set[str]], dict[str, dict]]:
+    """The filled store plus one wanda run whose perplexity used 1 window instead of 2 (tests/conftest.py); returns
+    the store, each protocol key's run ids and each key's protocol."""
+    db = Store(two_protocols_store)
     by_key: dict[str, set[str]] = {}
     protocols: dict[str, dict] = {}
     for row in db.runs():
@@ -45,8 +37,7 @@ def two_protocols(filled_store, tiny_folder, tmp_path_factory) -> tuple[Path, di
         by_key.setdefault(row["protocol_key"], set()).add(row["run_id"])
         protocols[row["protocol_key"]] = row["protocol"]
     db.close()
-    yield root, by_key, protocols
-    stop_worker(root)
+    return two_protocols_store, by_key, protocols
 
 
 def open_compare(monkeypatch, store: Path, **params: str) -> AppTest:

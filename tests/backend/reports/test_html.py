@@ -4,7 +4,6 @@ each with its own table, charts and correlations, and a table saying which run w
 from __future__ import annotations
 
 import re
-import shutil
 from html import escape
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import pytest
 from backend.reports.html import build_html, protocol_groups
 from backend.runs.protocol import protocol_key, protocol_label
 from backend.runs.store import Store
-from backend.runs.worker import stop_worker
-from tests.conftest import TINY_EVAL, backend_cli
+from tests.conftest import backend_cli
 
 
 def protocol(windows: int) -> dict:
@@ -69,18 +67,9 @@ def test_one_protocol_is_one_section():
 
 
 @pytest.fixture(scope="module")
-def two_protocols(filled_store, tiny_folder, tmp_path_factory) -> Path:
-    """The filled store's four runs plus one more measured on fewer perplexity windows, by the real CLI."""
-    root = tmp_path_factory.mktemp("two-protocols") / "store"
-    shutil.copytree(filled_store, root, ignore=shutil.ignore_patterns("*.lock", "runs"))
-    fewer = list(TINY_EVAL)
-    fewer[fewer.index("--ppl-windows") + 1] = "1"
-    try:
-        backend_cli(root, "run", "--model", str(tiny_folder), "--method", "wanda", "--sparsity", "0.5",
-                    "--calibration", "demo", "--nsamples", "4", "--seqlen", "64", *fewer)
-    finally:
-        stop_worker(root)
-    return root
+def two_protocols(two_protocols_store) -> Path:
+    """The filled store's four runs plus one more measured on fewer perplexity windows (tests/conftest.py)."""
+    return two_protocols_store
 
 
 def test_the_cli_report_groups_a_real_store_by_protocol(two_protocols, tmp_path):

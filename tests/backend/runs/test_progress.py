@@ -30,9 +30,8 @@ def two_jobs(tmp_path_factory, tiny_folder) -> Store:
     """A store where a real worker ran two full jobs of the tiny model, the second with other sparsity."""
     root = tmp_path_factory.mktemp("progress-store")
     try:
-        for sparsity in ("0.5", "0.6"):
-            cli(root, "run", "--model", str(tiny_folder), "--method", "wanda", "--sparsity", sparsity,
-                "--calibration", "demo-prose", "--nsamples", "4", "--seqlen", "64", *TINY_EVAL)
+        cli(root, "sweep", "--model", str(tiny_folder), "--methods", "wanda", "--sparsities", "0.5", "0.6",
+            "--calibrations", "demo-prose", "--nsamples", "4", "--seqlen", "64", *TINY_EVAL)
     finally:
         stop_worker(root)
     return Store(root)
