@@ -61,10 +61,14 @@ def study(tree: Path, data_dir: str, store: Path) -> dict:
     return {"wall": wall, "stages": dict(stages), "runs": runs, "jobs": len(jobs)}
 
 
+def cell(run: dict) -> tuple[str, str]:
+    """What matches a run across the two studies: its method and calibration (the run ids differ, since an id
+    includes the code's version)."""
+    return run["method"], run["calibration"]
+
+
 def compare(old: dict, new: dict) -> list[str]:
-    """Where the two studies measured different numbers, run by run (matched by method and calibration: the run
-    ids differ, since an id includes the code's version)."""
-    cell = lambda run: (run["method"], run["calibration"])
+    """Where the two studies measured different numbers, run by run (matched by `cell`)."""
     olds = {cell(r): r for r in old["runs"].values()}
     found = []
     for run in new["runs"].values():
@@ -221,7 +225,6 @@ def report(sides: dict[str, list[dict]], old: str) -> None:
 def largest_change(old: dict, new: dict, key: str) -> float | None:
     """The largest absolute difference of one number between the runs of two studies (matched as in compare); None
     when neither side has it."""
-    cell = lambda run: (run["method"], run["calibration"])
     olds = {cell(r): r.get(key) for r in old["runs"].values()}
     pairs = [(olds.get(cell(r)), r.get(key)) for r in new["runs"].values()]
     found = [abs(a - b) for a, b in pairs if a is not None and b is not None]

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from metrics.generation import cache_argument, plain_cache
+from metrics.generation import cache_argument, left_padded, plain_cache
 from metrics.heads import chunked_head_matches, head_inputs
 
 LN2 = math.log(2.0)
@@ -190,16 +190,15 @@ def answer_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, prompts: 
         raise ValueError(f"the pruned states' counts {[len(s) for s in pruned_states]} are not the answers' lengths "
                          f"{[len(a) for a in answers]}")
     with torch.no_grad():
-        probe = torch.tensor([prompts[0]]) if prompts else None
-        matches = {id(m): probe is not None and chunked_head_matches(m, probe.to(next(m.parameters()).device))
-                   for m in (dense, pruned)}
-    states = pruned_states if matches[id(pruned)] else None
+        dense_head, pruned_head = (bool(prompts) and chunked_head_matches(
+            m, torch.tensor([prompts[0]], device=next(m.parameters()).device)) for m in (dense, pruned))
+    states = pruned_states if pruned_head else None
 
     def rows_of(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         prompt, answer = [prompts[i] for i in batch], [answers[i] for i in batch]
-        dense_rows = _continuation_rows(dense, prompt, answer, matches[id(dense)], dense_memo)
+        dense_rows = _continuation_rows(dense, prompt, answer, dense_head, dense_memo)
         if states is None:
-            return dense_rows, _continuation_rows(pruned, prompt, answer, matches[id(pruned)])
+            return dense_rows, _continuation_rows(pruned, prompt, answer, pruned_head)
         head = pruned.get_output_embeddings()
         return dense_rows, head(torch.cat([states[i] for i in batch]))
 
@@ -283,16 +282,11 @@ def _context_cache(model: torch.nn.Module, contexts: list[list[int]], device: to
     the memo stays within MEMO_BYTES; None when the model's cache is not made of plain growing layers."""
     from transformers import DynamicCache
 
-    width = max(len(c) for c in contexts)
-    ids = torch.zeros(len(contexts), width, dtype=torch.long)
-    mask = torch.zeros(len(contexts), width, dtype=torch.long)
-    for row, tokens in enumerate(contexts):
-        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, width - len(tokens):] = 1
+    ids, mask = left_padded(contexts, 0)
     kv = DynamicCache(config=model.config)
     if not plain_cache(kv):
         return None
-    if width == 0:
+    if ids.shape[1] == 0:
         return kv, mask
     key = "context:" + hashlib.sha256(f"{tuple(ids.shape)}".encode() + ids.numpy().tobytes()
                                       + mask.numpy().tobytes()).hexdigest()

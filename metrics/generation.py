@@ -179,13 +179,7 @@ def prefill(model: torch.nn.Module, rows: list[int], encoded: list[list[int]], p
     from transformers import DynamicCache
 
     shared = 0 if prefix is None else prefix[0].shape[1]
-    width = max(len(encoded[i]) for i in rows) - shared
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, i in enumerate(rows):
-        own = encoded[i][shared:]
-        ids[r, width - len(own):] = torch.tensor(own)
-        mask[r, width - len(own):] = 1
+    ids, mask = left_padded([encoded[i][shared:] for i in rows], pad)
     ids, mask = ids.to(device), mask.to(device)
     if prefix is None:
         kv = DynamicCache(config=model.config)
@@ -198,6 +192,17 @@ def prefill(model: torch.nn.Module, rows: list[int], encoded: list[list[int]], p
     logits = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=position[:, shared:].clamp_min(0),
                    use_cache=True, logits_to_keep=1, **{cache_argument(model): kv}).logits[:, -1]
     return Prefilled(list(rows), ids, mask, position[:, -1], kv, logits, tap.last if tap else None)
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows padded on the left with `pad` to the longest, and their attention mask (0 on the padding)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[r, width - len(row):] = 1
+    return ids, mask
 
 
 def joins(pending: list[Prefilled], state: Prefilled, decode_rows: int, max_new_tokens: int) -> bool:
