@@ -10,10 +10,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from statistics import fmean
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-import openai
+if TYPE_CHECKING:  # imported where a judge runs: it adds ~1 s to every worker's start
+    import openai
 
 CRITERIA = ("accuracy", "completeness", "relevance", "coherence", "fluency")
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -184,6 +185,8 @@ def _backoff(config: JudgeConfig, retry: int) -> float:
 
 def _transient(error: Exception) -> str | None:
     """A short label when the error is worth retrying (429, 5xx, connection, timeout); None otherwise."""
+    import openai
+
     if isinstance(error, openai.APITimeoutError):
         return "timeout"
     if isinstance(error, openai.APIConnectionError):
@@ -195,6 +198,8 @@ def _transient(error: Exception) -> str | None:
 
 def _ask(client: openai.OpenAI, messages: list[dict], config: JudgeConfig, secret: str) -> tuple[str, int]:
     """The judge's answer text and the attempts it took, retrying transient errors with backoff."""
+    import openai
+
     attempts = 0
     while True:
         attempts += 1
@@ -293,6 +298,8 @@ def judge(examples: list[dict], config: JudgeConfig,
                              f"endpoint's own key, or set OPENAI_BASE_URL to it")
         raise ValueError("LLM judge needs an API key: set OPENAI_API_KEY or pass api_key")
     chosen = examples[: config.max_samples]
+    import openai
+
     client = openai.OpenAI(base_url=base_url, api_key=secret, max_retries=0, timeout=config.timeout_s)
     records: list[dict | None] = [None] * len(chosen)
     try:
