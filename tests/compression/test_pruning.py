@@ -267,6 +267,20 @@ def test_sparsegpt_sweep_equals_the_textbook_loop(pattern):
     assert torch.allclose(ours.t(), expected, atol=1e-4)
 
 
+def test_the_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse_in_float64():
+    from compression.methods.sparsegpt import inverse_hessian_factor
+    g = torch.Generator().manual_seed(1)
+    for width, tokens in ((320, 1024), (96, 64)):
+        x = torch.randn(tokens, width, generator=g) * torch.linspace(0.01, 3, width)
+        h = 2 / tokens * x.t() @ x
+        h64 = h.double()
+        damped = h64 + 0.01 * torch.diag(h64).mean() * torch.eye(width, dtype=torch.float64)
+        expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+        ours = inverse_hessian_factor(h, 0.01)
+        assert torch.equal(ours, ours.triu()) and bool((torch.diag(ours) > 0).all())
+        assert torch.allclose(ours.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
 def test_sequential_order_refuses_what_cannot_fit():
     from compression.driver import check_sequential_fits
     model = tiny_model("llama")
