@@ -1,8 +1,8 @@
 """lm-eval as a first-class evaluation, against lm-eval's own code as the oracle: the scores PruneScope computes in
 process (the tiny model through the store's worker, the embedded model through api.evaluate) equal those lm-eval's
-own evaluator computes on the saved dense and pruned folders (what `python -m lm_eval --model hf` runs, checked
-against the CLI itself on one folder), to 1e-9; the run's progress counted lm-eval's requests; bad task settings
-are refused in one line with nothing queued."""
+own evaluator computes on the saved dense and pruned folders (the simple_evaluate call `python -m lm_eval --model
+hf` makes; bench/lm_eval_bench.py runs that CLI itself on saved folders and compares), to 1e-9; the run's progress
+counted lm-eval's requests; bad task settings are refused in one line with nothing queued."""
 
 from __future__ import annotations
 
@@ -22,28 +22,7 @@ from tests.conftest import error_line, run_cli
 
 TINY_LIMIT, EMBEDDED_LIMIT = 24, 32
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
-
-
 ORACLE = Path(__file__).with_name("lm_eval_oracle.py")
-
-
-def lm_eval_cli(folder: Path, out: Path, limit: int) -> subprocess.Popen:
-    """lm-eval's own CLI on a saved model folder, started from the shipped task's folder (lm-eval reads a relative
-    data file from the working directory)."""
-    out.mkdir(parents=True)
-    return subprocess.Popen(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={folder},dtype=float32",
-         "--tasks", SHIPPED_TASK, "--include_path", str(SHIPPED), "--device", "cpu", "--batch_size", "16",
-         "--limit", str(limit), "--output_path", str(out)],
-        cwd=SHIPPED, stdout=subprocess.DEVNULL, stderr=open(out / "stderr.txt", "w"))
-
-
-def cli_scores(process: subprocess.Popen, out: Path, limit: int) -> dict[str, float]:
-    """The scores of `lm_eval_cli`'s results file."""
-    assert process.wait(timeout=600) == 0, (out / "stderr.txt").read_text()[-3000:]
-    found = json.loads(next(out.rglob("results_*.json")).read_text())
-    assert found["n-samples"][SHIPPED_TASK]["effective"] == limit
-    return {metric_name(k): v for k, v in found["results"][SHIPPED_TASK].items() if "," in k}
 
 
 class Oracle:
@@ -72,10 +51,8 @@ class Oracle:
 def oracle(request, tiny_folder, embedded_folder, tmp_path_factory) -> dict:
     """PruneScope's scores and lm-eval's for four folders: the tiny dense model and its Wanda run from the store, the
     embedded model and its magnitude 50% pruned in process. lm-eval's own evaluator (lm_eval_oracle.py) scores the
-    folders in a process of its own as they are written, beside this one; lm-eval's CLI itself scores the embedded
-    dense folder meanwhile, the oracle's own check."""
+    folders in a process of its own as they are written, beside this one."""
     root = tmp_path_factory.mktemp("lm-oracle")
-    cli = (lm_eval_cli(embedded_folder, root / "cli", EMBEDDED_LIMIT), root / "cli", EMBEDDED_LIMIT)
     lm_eval = Oracle()
     lm_eval.ask(tiny_folder, TINY_LIMIT)
     lm_eval.ask(embedded_folder, EMBEDDED_LIMIT)
@@ -90,26 +67,19 @@ def oracle(request, tiny_folder, embedded_folder, tmp_path_factory) -> dict:
     embedded, _ = api.evaluate(dense, pruned, ppl=None, jsd=None, tasks=None, lm_eval=(SHIPPED_TASK,),
                                lm_eval_limit=EMBEDDED_LIMIT, device="cpu")
     scores = dict(zip(("tiny dense", "embedded dense", "tiny pruned", "embedded pruned"), lm_eval.answers()))
-    return {"ours": {"tiny": tiny, "embedded": embedded}, "run": wanda, "store": store, "lm_eval": scores,
-            "cli": cli_scores(*cli)}
-
-
-def test_the_oracle_scores_what_lm_evals_own_cli_scores(oracle):
-    """lm_eval_oracle.py is lm-eval's CLI without its index of built-in tasks: on the embedded dense folder the
-    CLI's results file holds the very same numbers."""
-    assert oracle["cli"] == oracle["lm_eval"]["embedded dense"]
+    return {"ours": {"tiny": tiny, "embedded": embedded}, "run": wanda, "store": store, "lm_eval": scores}
 
 
 @pytest.mark.parametrize("model", ["tiny", "embedded"])
-def test_scores_equal_lm_evals_own_cli_on_the_saved_folders(oracle, model):
+def test_scores_equal_lm_evals_own_evaluator_on_the_saved_folders(oracle, model):
     summary = oracle["ours"][model]
     for side in ("dense", "pruned"):
-        cli = oracle["lm_eval"][f"{model} {side}"]
+        theirs = oracle["lm_eval"][f"{model} {side}"]
         for metric in METRICS:
             name = metric.removesuffix("_stderr")
             part = "lm_eval_stderr" if metric.endswith("_stderr") else "lm_eval"
             ours = summary[side][part][f"lm:{SHIPPED_TASK}:{name}"]
-            assert abs(ours - cli[metric]) <= 1e-9, (model, side, metric, ours, cli[metric])
+            assert abs(ours - theirs[metric]) <= 1e-9, (model, side, metric, ours, theirs[metric])
     protocol = summary["protocol"]["lm_eval"]
     limit = TINY_LIMIT if model == "tiny" else EMBEDDED_LIMIT
     assert protocol["examples"] == {SHIPPED_TASK: limit} and protocol["versions"] == {SHIPPED_TASK: "1.0"}

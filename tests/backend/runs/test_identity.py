@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -21,7 +20,6 @@ from backend.runs.spec import (
     run_id,
 )
 from backend.runs.store import Store
-from backend.runs.worker import stop_worker
 from tests.conftest import ROOT
 
 EVAL = EvalSettings(ppl="demo-prose", ppl_seqlen=64, ppl_windows=2, jsd=None, tasks=None)
@@ -76,16 +74,19 @@ def test_the_id_carries_the_code_and_library_versions():
 
 
 def test_the_order_of_cli_flags_does_not_change_the_id(tiny_folder, tmp_path):
+    """The CLI's own parser and submission (no worker started: only the ids matter) in two flag orders."""
+    from backend.cli.arguments import spec_from
+    from backend.cli.parser import build_parser
+    from backend.runs.service import submit
+
     flags = [["--method", "wanda", "--sparsity", "0.5"], ["--calibration", "demo-prose", "--nsamples", "4"],
              ["--seqlen", "64", "--model", str(tiny_folder)], ["--ppl", "demo-prose", "--ppl-seqlen", "64"]]
     ids = []
     for order in (flags, flags[::-1]):
-        done = subprocess.run([sys.executable, "-m", "backend", "run", *sum(order, []), "--detach", "--store",
-                               str(tmp_path), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        ids.append(json.loads(done.stdout)["run_id"])
-    stop_worker(tmp_path)
-    assert ids[0] == ids[1]
+        args = build_parser().parse_args(["run", *sum(order, []), "--store", str(tmp_path)])
+        spec = spec_from(args, args.method, args.sparsity, args.pattern, args.calibration)
+        ids.append(submit(Store(args.store), spec, args.data_dir, args.device, start_worker=False)["run_id"])
+    assert ids[0] == ids[1] and Store(tmp_path).db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
 
 
 def test_a_hub_model_with_no_known_commit_is_refused_offline(monkeypatch, tmp_path):
