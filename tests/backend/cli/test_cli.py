@@ -69,7 +69,7 @@ def test_unknown_model_folder(capsys, tmp_path):
 
 
 @needs_shared
-def test_prune_save_reload_and_ppl_through_the_real_entry_point(tmp_path, tiny_folder):
+def test_prune_save_reload_and_ppl_through_the_real_entry_point(tmp_path, tiny_folder, capsys):
     save = tmp_path / "pruned"
     cmd = [sys.executable, "-m", "backend", "prune", "--model", str(tiny_folder), "--method", "sparsegpt",
            "--sparsity", "0.5", "--pattern", "2:4", "--calibration", "alpaca", "--nsamples", "4", "--seqlen", "64",
@@ -97,9 +97,8 @@ def test_prune_save_reload_and_ppl_through_the_real_entry_point(tmp_path, tiny_f
     assert numbers["windows"] == 3 and numbers["seqlen"] == 64 and numbers["scored_tokens"] == 3 * 63
     assert torch.isfinite(torch.tensor(numbers["ppl"]))
 
-    table = subprocess.run(cmd[:-1] + ["--save", str(tmp_path / "again")], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
-    assert table.returncode == 0 and "sparsity 0.5000 over every matrix in the decoder layers" in table.stdout
+    code, out, _ = run_cli(cmd[3:-3] + ["--save", str(tmp_path / "again")], capsys)  # without --json: the table
+    assert code == 0 and "sparsity 0.5000 over every matrix in the decoder layers" in out
 
 
 def test_prune_with_layers_on_disk_saves_the_weights_of_the_prune_in_memory(tmp_path, tokenizer, monkeypatch, capsys):
