@@ -58,7 +58,7 @@ def submit_many(store: Store, specs: list[RunSpec], data_dir: str | None = None,
     """submit for each spec (a sweep's grid), all of them checked before any is queued: one bad spec queues none."""
     check_executor(executor)
     planned = [plan(store, spec, data_dir, device, judge_key) for spec in specs]
-    work = [p for p in planned if not served(store, p)]
+    work = [p for p in planned if not served(store, p) and not joined(store, p)]
     if work:
         early = start(store.root, device, executor) if start_worker else None  # it loads torch while the checks run
         try:
@@ -102,6 +102,13 @@ def served(store: Store, planned: Planned) -> bool:
     """Whether the store serves this run as it is (finished, its pruned model intact), as Store.submit decides; such
     a run needs no checks, and stays torch-free."""
     return store.metrics(planned.run_id) is not None and planned.artifacts_ok is not False
+
+
+def joined(store: Store, planned: Planned) -> bool:
+    """Whether the run is queued or running already: it was checked when it was queued, so a submission that joins
+    it needs no checks again, and stays torch-free."""
+    job = store.latest_job(planned.run_id)
+    return job is not None and job["state"] in ACTIVE
 
 
 def hand_in(store: Store, planned: Planned, data_dir: str | None, device: str, start_worker: bool,

@@ -72,7 +72,7 @@ TINY_STUDY = ("--nsamples", "2", "--seqlen", "32", "--limit", "4", "--jsd-limit"
 @pytest.mark.slow
 @needs_shared
 @pytest.mark.timeout(600)
-def test_the_quick_paper_study_end_to_end_and_resumed(tmp_path, tiny_folder):
+def test_the_quick_paper_study_end_to_end_and_resumed(tmp_path, tiny_folder, capsys):
     store = tmp_path / "store"
     try:
         first = backend_cli(store, "study", "paper", "--quick", "--model", str(tiny_folder), *TINY_STUDY,
@@ -88,9 +88,9 @@ def test_the_quick_paper_study_end_to_end_and_resumed(tmp_path, tiny_folder):
         made = sorted(Cell(r["method"], r["sparsity"], r["pattern"], r["calibration"]) for r in db.runs())
         assert made == sorted(cells("quick"))
         assert all(r["intervals"] and r["nsamples"] == 2 for r in db.runs())
-        again = backend_cli(store, "study", "paper", "--quick", "--model", str(tiny_folder), *TINY_STUDY,
-                            "--data-dir", str(SHARED_DATA), "--detach")
-        assert again["cached"] == len(cells("quick"))  # resumed: every run served from the store
+        code, out, _ = run_cli(["study", "paper", "--quick", "--model", str(tiny_folder), *TINY_STUDY, "--data-dir",
+                                str(SHARED_DATA), "--detach", "--store", str(store), "--json"], capsys)
+        assert code == 0 and json.loads(out)["cached"] == len(cells("quick"))  # resumed: every run from the store
     finally:
         stop_worker(store)
 
