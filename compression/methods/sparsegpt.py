@@ -35,16 +35,15 @@ class Hessian(Statistics):
 
 
 def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor R of (H + damping * I)^-1 (R^T R is the inverse), with more damping if H is numerically
-    not positive definite. With J reversing the order, J H J = L L^T gives H^-1 = R^T R for R = J L^-1 J: one
-    factorisation and one triangular inverse instead of factorise, invert, factorise again (faster, and nearer
-    a float64 recomputation)."""
+    """Upper Cholesky factor of (H + damping * I)^-1, with more damping if H is numerically not positive definite.
+    Computed as the reference does (factorise, invert, factorise again): a factor computed otherwise differs by
+    ~1e-7, and that moves SparseGPT's choices enough to change a 135M model's pruned perplexity by ~2%."""
     damp = percdamp * torch.diag(h).mean()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(6):
-        lower, info = torch.linalg.cholesky_ex((h + damp * (10 ** attempt) * eye).flip(0, 1))
+        lower, info = torch.linalg.cholesky_ex(h + damp * (10 ** attempt) * eye)
         if info == 0:
-            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
     raise RuntimeError("SparseGPT: the input Hessian is not positive definite even with 10^5 x damping")
 
 
