@@ -129,6 +129,10 @@ def main() -> None:
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--default-gc", action="store_true", help="also a watched try with runner.postScriptGC on")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds} is not allowed: use at least 1")
+    if not Path(args.chromium).is_file():
+        parser.error(f"--chromium {args.chromium} is not a file: install Debian's chromium or pass its path")
     from playwright.sync_api import sync_playwright
 
     from backend.sources.models import ensure_embedded
