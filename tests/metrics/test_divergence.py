@@ -13,6 +13,7 @@ from backend.runs.spec import EvalSettings
 from backend.sources.models import LoadedModel
 from metrics.divergence import (
     answer_divergence,
+    chunk_rows,
     divergence_from_logits,
     model_divergence,
     teacher_forced,
@@ -311,3 +312,12 @@ def test_answer_divergence_is_scored_on_the_ids_the_pruned_model_generated(token
             assert example["pruned_token_jsd"] == pytest.approx(expected["jsd"].tolist(), abs=1e-5)
             assert example["answer_jsd"] == pytest.approx(expected["jsd"].mean().item(), abs=1e-5)
     assert summary["answer_jsd"] == pytest.approx(sum(e["answer_jsd"] for e in examples) / 3, abs=1e-9)
+
+
+def test_cache_sized_chunks_give_the_values_of_one_chunk():
+    dense, pruned = random_logits(100, 49152, 5), random_logits(100, 49152, 6)
+    assert chunk_rows(dense) < 100
+    whole, chunked = divergence_from_logits(dense, pruned, chunk=100), divergence_from_logits(dense, pruned)
+    for name in ("jsd", "kl_dense_pruned", "kl_pruned_dense"):
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-6, atol=1e-7)
+    assert torch.equal(chunked["flip"], whole["flip"])
