@@ -7,9 +7,11 @@ Unnatural Instructions (EOS stops them, 32 new tokens at most). Each side runs i
 a git worktree of --old (removed at the end). Printed: each side's whole-study wall seconds and per-stage seconds
 summed over the study's jobs (from the store's job timings), and new/old ratios; whether both studies measured the
 same numbers; then, on this commit: propagation tokens/s inside pruning against the raw forward of the same decoder
-layers on the same tokens, and greedy generation of 64 Unnatural answers against one prompt at a time.
+layers on the same tokens, and greedy generation of 64 Unnatural answers against one prompt at a time; then the
+study's floor: the seconds of the forwards it cannot do without and of SparseGPT's reference arithmetic, each timed
+bare, against the old study's time when the study part ran.
 
-    python bench/study_bench.py --old COMMIT [COMMIT ...] [--rounds 1] [--only study propagation generation]
+    python bench/study_bench.py --old COMMIT [COMMIT ...] [--rounds 1] [--only study propagation generation floor]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ STUDY = ("--model", "smollm2-135m", "--methods", "magnitude", "wanda", "sparsegp
          "--calibrations", "c4", "alpaca", "--nsamples", "16", "--seqlen", "512", "--ppl", "wikitext2",
          "--ppl-seqlen", "512", "--ppl-windows", "5", "--jsd", "alpaca", "--tasks", "unnatural", "--limit", "20",
          "--max-new-tokens", "32")
-PARTS = ("study", "propagation", "generation")
+PARTS = ("study", "propagation", "generation", "floor")
 SAME = ("overall_sparsity", "dense_ppl", "pruned_ppl", "jsd", "flip_rate", "dense_f1", "pruned_f1")
 
 
@@ -96,18 +98,22 @@ def main() -> None:
     for flag in ("rounds", "generation_rounds"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: use at least 1")
+    walls: dict[str, float] = {}
     if "study" in args.only:
         if not args.old:
             parser.error("--old COMMIT is needed for the study")
-        compare_studies(args.old, args.rounds, args.data_dir)
+        walls = compare_studies(args.old, args.rounds, args.data_dir)
     if "propagation" in args.only:
         propagation_ratio(args.data_dir)
     if "generation" in args.only:
         generation_ratio(args.data_dir, rounds=args.generation_rounds)
+    if "floor" in args.only:
+        study_floor(args.data_dir, walls)
 
 
-def compare_studies(olds: list[str], rounds: int, data_dir: str) -> None:
-    """The study on each old commit and on this one, alternating for `rounds` rounds, then each old one against it."""
+def compare_studies(olds: list[str], rounds: int, data_dir: str) -> dict[str, float]:
+    """The study on each old commit and on this one, alternating for `rounds` rounds, then each old one against it.
+    Returns each side's mean wall seconds ("new" for this commit)."""
     work = Path(tempfile.mkdtemp(prefix="prunescope-study-bench-"))
     trees = {commit: work / f"old-{i}" for i, commit in enumerate(olds)}
     for commit, tree in trees.items():
@@ -122,6 +128,7 @@ def compare_studies(olds: list[str], rounds: int, data_dir: str) -> None:
                       f"{sum(result['stages'].values()):.1f} s", flush=True)
         for commit in trees:
             report({"old": sides[commit], "new": sides["new"]}, commit)
+        return {name: sum(r["wall"] for r in runs) / len(runs) for name, runs in sides.items()}
     finally:
         for tree in trees.values():
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
@@ -197,6 +204,94 @@ def generation_ratio(data_dir: str, count: int = 64, rounds: int = 3) -> None:
         print(f"  {way}: {best:.1f} s = {alone / best:.2f}x (target >= 4x; rounds: "
               f"{', '.join(f'{alone_s / s:.2f}x' for alone_s, s in zip(seconds['one at a time'], seconds[way]))}); "
               f"the same answers: {'yes' if answers[way] == answers['one at a time'] else 'NO'}")
+
+
+def study_floor(data_dir: str, walls: dict[str, float]) -> None:
+    """A lower bound of the study's seconds that keeps its numbers: the forwards it cannot do without, each timed bare
+    on the dense model (a pruned model of the same shapes costs the same), and SparseGPT's reference arithmetic, timed
+    inside its pruning. Per calibration: Wanda and SparseGPT each propagate its 16 x 512 tokens through the decoder
+    layers, magnitude one 512-token error sample (its weights are pruned once). Per model evaluated (the dense one and
+    the 5 distinct pruned ones): the perplexity windows with the head at every position, each JS record alone with the
+    head at its scored positions, and each task prompt alone followed by its greedy answer (the dense model's), the
+    head at the answer's positions: no decoding computes less. Left out, so the bound stays below what any
+    implementation needs: tokenizing, loading, the JS arithmetic, masks and layer errors, saving, the final check."""
+    import torch
+
+    from backend.runs.evaluate import perplexity_texts, records_of, task_prompts, template_for
+    from backend.runs.spec import EvalSettings
+    from backend.sources.calibration import build_calibration, open_source
+    from backend.sources.models import load
+    from compression.driver import auto_batch_size, prune_model
+    from compression.layers import call_layer, capture_layer_inputs, decoder_layers
+    from compression.methods import create
+    from metrics.divergence import teacher_forced
+    from metrics.generation import generate_answers
+    from metrics.heads import head_inputs
+    from metrics.perplexity import token_stream
+    from metrics.prompts import prompt_renderer
+
+    lm = load("smollm2-135m", "cpu", "float32")
+    model, tokenizer = lm.model, lm.tokenizer
+    head = model.get_output_embeddings()
+    _, layers = decoder_layers(model)
+    settings = EvalSettings(ppl="wikitext2", ppl_seqlen=512, ppl_windows=5, jsd="alpaca", tasks="unnatural", limit=20,
+                            max_new_tokens=32)
+    models = 6
+    parts: dict[str, float] = defaultdict(float)
+
+    def timed(fn) -> float:
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+
+    with torch.no_grad():
+        for source in ("c4", "alpaca"):
+            windows = build_calibration(open_source(source, data_dir), model, tokenizer, 16, 512, 0, "alpaca")
+            batches = list(windows.split(auto_batch_size(model, 16, 512, torch.device("cpu"), torch.float32)))
+            inputs = capture_layer_inputs(model, layers, batches, torch.device("cpu"))
+
+            def through(count: int) -> None:
+                hidden = inputs.hidden[:count]
+                for i, layer in enumerate(layers):
+                    hidden = [call_layer(layer, h, a, k) for h, a, k in
+                              zip(hidden, inputs.args[i][:count], inputs.kwargs[i][:count])]
+
+            propagation = timed(lambda: through(len(batches)))
+            parts["propagation: 2 methods x 16 x 512 tokens, per calibration"] += 2 * propagation
+            inputs = capture_layer_inputs(model, layers, [batches[0][:1]], torch.device("cpu"))
+            parts["magnitude's error sample: 1 x 512 tokens, per calibration"] += timed(lambda: through(1))
+            pruned = load("smollm2-135m", "cpu", "float32").model
+            stages = prune_model(pruned, windows, create("sparsegpt", sparsity=0.5)).stages
+            parts["SparseGPT's statistics and sweep, per calibration"] += stages.get("statistics", 0) + stages.get(
+                "pruning", 0)
+            del pruned
+        _, texts = perplexity_texts("wikitext2", data_dir)
+        ids = token_stream(texts, tokenizer)[:5 * 512].reshape(5, 512)
+        parts[f"perplexity: 5 x 512 tokens, head everywhere, x {models} models"] = models * timed(
+            lambda: [head(head_inputs(model, ids[i:i + 1])) for i in range(5)])
+        records = records_of("alpaca", data_dir, settings.jsd_records)
+        sequences, scored = teacher_forced(records, tokenizer, prompt_renderer(
+            template_for(settings, tokenizer, "alpaca"), tokenizer), settings.response_only)
+        parts[f"JS records: {sum(map(len, sequences))} tokens, head at {sum(int(m.sum()) for m in scored)}, "
+              f"x {models} models"] = models * timed(
+            lambda: [head(head_inputs(model, seq[None])[0, mask]) for seq, mask in zip(sequences, scored)])
+        prompts = task_prompts(settings, tokenizer, records_of("unnatural", data_dir, settings.limit))
+        encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=32).ids
+        parts[f"task answers: {sum(map(len, encoded))} prompt + {sum(map(len, answers))} answer tokens, "
+              f"x {models} models"] = models * timed(
+            lambda: [head(head_inputs(model, torch.tensor([p + a]))[0, len(p) - 1:]) for p, a in zip(encoded, answers)])
+    floor = sum(parts.values())
+    print("\nthe study's floor (bare forwards and SparseGPT's reference arithmetic, nothing else):")
+    for name, seconds in parts.items():
+        print(f"  {name}: {seconds:.1f} s")
+    print(f"  total: {floor:.1f} s")
+    for name, wall in walls.items():
+        if name == "new":
+            print(f"  the new study ({wall:.1f} s) spends {wall - floor:.1f} s beyond it")
+        else:
+            print(f"  old {name[:10]} ({wall:.1f} s): the floor is {floor / wall:.2f}x of it; 0.5x ({wall / 2:.1f} s) "
+                  f"leaves {wall / 2 - floor:.1f} s for everything the floor leaves out")
 
 
 def report(sides: dict[str, list[dict]], old: str) -> None:
