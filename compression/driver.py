@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -83,7 +84,20 @@ def first_sample(args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
 
 def input_groups(layer: nn.Module, modules: dict[str, nn.Module], hidden: torch.Tensor, args: tuple,
                  kwargs: dict) -> list[list[str]]:
-    """Group Linears that read the very same input tensor, in call order, by running the layer on one sample.
+    """Group Linears that read the very same input tensor, in call order, by running the layer on one sample; a
+    Linear the probe did not call is a group of its own, last."""
+    called = called_groups(layer, modules, hidden, args, kwargs)
+    return called + [[n] for n in modules if all(n not in g for g in called)]
+
+
+def input_key(x: torch.Tensor) -> tuple:
+    """What tells one input tensor from another while both are alive: address, shape, strides and dtype."""
+    return x.data_ptr(), tuple(x.shape), x.stride(), x.dtype
+
+
+def called_groups(layer: nn.Module, modules: dict[str, nn.Module], hidden: torch.Tensor, args: tuple,
+                  kwargs: dict) -> list[list[str]]:
+    """The Linears a probe of the layer on one sample calls, grouped by the input tensor they read, in call order.
     The inputs are kept alive during the probe, so a freed tensor's address cannot be reused by a later input."""
     seen: list[tuple[torch.Tensor, str]] = []
     handles = [m.register_forward_pre_hook(lambda _m, inputs, name=name: seen.append((inputs[0], name)))
@@ -96,11 +110,30 @@ def input_groups(layer: nn.Module, modules: dict[str, nn.Module], hidden: torch.
             h.remove()
     groups: dict[tuple, list[str]] = {}
     for x, name in seen:
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
         if all(name not in g for g in groups.values()):
-            groups.setdefault(key, []).append(name)
-    called = list(groups.values())
-    return called + [[n] for n in modules if all(n not in g for g in called)]
+            groups.setdefault(input_key(x), []).append(name)
+    return list(groups.values())
+
+
+class GroupingDiffers(RuntimeError):
+    """A layer's Linears share inputs otherwise than in the layer of its kind whose probe gave its groups."""
+
+
+def probed_groups(probed: dict[tuple, list[list[str]]], layer: nn.Module, modules: dict[str, nn.Module],
+                  hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[list[list[str]], bool]:
+    """`input_groups` of a layer and whether they were reused: on a CPU the probe runs once per layer class and set of
+    Linear names, and a later layer of the same kind reuses the groups of the first one whose probe called every
+    Linear (a probe costs 1/nsamples of the layer's calibration forward; the caller keeps a copy of the layer's
+    weights, cheap in host memory, to redo the layer should its members' hooks find the grouping does not hold). On
+    an accelerator each layer is probed: a probe is cheaper there than such a copy."""
+    key = (type(layer), tuple(modules))
+    if key in probed and hidden.device.type == "cpu":
+        return probed[key], True
+    called = called_groups(layer, modules, hidden, args, kwargs)
+    groups = called + [[n] for n in modules if all(n not in g for g in called)]
+    if sum(map(len, called)) == len(modules):
+        probed[key] = groups
+    return groups, False
 
 
 def error_rows(total_tokens: int, error_tokens: int) -> torch.Tensor:
@@ -120,6 +153,7 @@ class GroupState:
         self.sample: list[torch.Tensor] = []
         self.arrived: set[int] = set()
         self.called: dict[str, set[int]] = {name: set() for name in names}
+        self.read: dict[int, tuple] = {}
         self.done = False
         self.note = ""
 
@@ -185,6 +219,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
                              "layer_targets": [weighted(g, n) for g, n in zip(goals, numels)],
                              "layer_parameters": sizes}
         hidden = inputs.hidden
+        probed: dict[tuple, list[list[str]]] = {}
         for index, layer in enumerate(layers):
             started = time.perf_counter()
             at = where.enter(layer)
@@ -193,10 +228,21 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
                             for k in scope.kept]
             hidden = move(hidden, at)
             args, kwargs = move(inputs.args[index], at), move(inputs.kwargs[index], at)
-            groups = input_groups(layer, scope.linears, hidden[0], args[0], kwargs[0])
-            run = LayerRun(index, layer, scope, method, at, report, clock, notify, len(layers), prefix, groups,
-                           goals[index])
-            hidden = run.execute(hidden, args, kwargs, batch_rows, order)
+            groups, reused = probed_groups(probed, layer, scope.linears, hidden[0], args[0], kwargs[0])
+            kept = {name: w.clone() for name, w in scope.targets.items()} if reused else {}
+            run = partial(LayerRun, index, layer, scope, method, at, report, clock, notify, len(layers), prefix)
+            try:
+                outputs = run(groups, goals[index]).execute(hidden, args, kwargs, batch_rows, order)
+            except GroupingDiffers:
+                if not reused:
+                    raise
+                for name, w in scope.targets.items():
+                    w.copy_(kept[name])
+                report.layers = [r for r in report.layers if r.layer != index]
+                groups = input_groups(layer, scope.linears, hidden[0], args[0], kwargs[0])
+                outputs = run(groups, goals[index]).execute(hidden, args, kwargs, batch_rows, order)
+            hidden = outputs
+            del kept
             done = {r.module for r in report.layers if r.layer == index}
             if done != set(scope.targets):
                 raise RuntimeError(f"decoder layer {index}: {sorted(set(scope.targets) - done)[:5]} were never pruned")
@@ -386,13 +432,18 @@ class LayerRun:
     def linear_hook(self, state: GroupState):
         def hook(_module, args):
             state.called[state.names[0]].add(self.lockstep.index())
+            state.read[self.lockstep.index()] = input_key(args[0])
             x = args[0].reshape(-1, args[0].shape[-1])
             self.arrive([(state, x, self.rows[self.lockstep.index()])])
         return hook
 
     def member_hook(self, state: GroupState, name: str):
-        def hook(_module, _args):
-            state.called[name].add(self.lockstep.index())
+        def hook(_module, args):
+            batch = self.lockstep.index()
+            state.called[name].add(batch)
+            if batch in state.read and state.read[batch] != input_key(args[0]):
+                raise GroupingDiffers(f"decoder layer {self.index}: {name} was grouped with {state.names[0]} but "
+                                      f"reads another input")
         return hook
 
     def experts_observer(self, path: str):

@@ -447,3 +447,28 @@ def test_transposed_biased_experts_of_gpt_oss_are_pruned_per_expert_row(order):
                 assert ((w == 0).sum(1) == w.shape[1] // 2).all()
         assert torch.equal(layer.mlp.router.weight, router)
     assert [k["reason"] for k in report.kept] == ["router (kept dense)"] * 2
+
+
+@pytest.mark.parametrize("order", ["sequential", "reference"])
+def test_a_layer_whose_linears_share_inputs_otherwise_than_its_kind_is_grouped_on_its_own(order, monkeypatch):
+    """Groups are probed once per layer class on a CPU; layer 1 here feeds up_proj another input than gate_proj's,
+    so reusing layer 0's groups would pool its statistics with gate_proj's. It must come out as it does when every
+    layer is probed."""
+    import compression.driver as driver
+
+    def flipped_up(mlp):
+        return lambda x: mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x.flip(-1)))
+
+    def pruned(probe_each: bool) -> tuple[torch.nn.Module, object]:
+        model = tiny_model("llama", layers=3)
+        mlp = decoder_layers(model)[1][1].mlp
+        mlp.forward = flipped_up(mlp)
+        if probe_each:
+            monkeypatch.setattr(driver, "probed_groups", lambda _probed, *probe: (driver.input_groups(*probe), False))
+        return model, prune_model(model, random_windows(4), create("wanda", sparsity=0.5), order=order, batch_size=2)
+
+    (reused, report), (probed, expected) = pruned(False), pruned(True)
+    assert [(r.name, r.sparsity) for r in report.layers] == [(r.name, r.sparsity) for r in expected.layers]
+    assert len(report.layers) == 3 * 7
+    for (name, a), b in zip(reused.named_parameters(), probed.parameters()):
+        assert torch.equal(a, b), name
