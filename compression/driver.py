@@ -233,9 +233,10 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
             run = partial(LayerRun, index, layer, scope, method, at, report, clock, notify, len(layers), prefix)
             try:
                 outputs = run(groups, goals[index]).execute(hidden, args, kwargs, batch_rows, order)
-            except GroupingDiffers:
+            except GroupingDiffers as differs:
                 if not reused:
-                    raise
+                    raise RuntimeError(f"{differs} than its probe on one sample found: its statistics cannot be "
+                                       f"shared; exclude it") from differs
                 for name, w in scope.targets.items():
                     w.copy_(kept[name])
                 report.layers = [r for r in report.layers if r.layer != index]
