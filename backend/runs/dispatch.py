@@ -18,7 +18,7 @@ from backend.log import Log
 from backend.runs.lock import try_lock
 from backend.runs.remote import snapshot
 from backend.runs.store import Store
-from backend.runs.worker import Heartbeat
+from backend.runs.worker import Heartbeat, let_go
 
 
 def current_cluster() -> str | None:
@@ -183,7 +183,11 @@ def serve_ray(root: Path, address: str | None = None, device: str = "auto", idle
                     waiting.append((job, beat))
             if not running and not waiting:
                 if time.monotonic() - idle_since > idle_exit:
-                    return ran
+                    lock = let_go(root, store, lock)
+                    if lock is None:
+                        return ran
+                    idle_since = time.monotonic()
+                    continue
                 time.sleep(0.3)
                 continue
             idle_since = time.monotonic()
@@ -232,4 +236,5 @@ def serve_ray(root: Path, address: str | None = None, device: str = "auto", idle
         if started_ray:
             ray.shutdown()
         store.close()
-        lock.close()
+        if lock is not None:
+            lock.close()

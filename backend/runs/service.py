@@ -148,7 +148,7 @@ def stand_down(store: Store, child: subprocess.Popen, device: str) -> None:
             return
         child.terminate()
         child.wait(timeout=30)
-    if store.db.execute("SELECT 1 FROM jobs WHERE state = 'queued'").fetchone():
+    if store.has_queued():
         start(store.root, device)
 
 

@@ -108,6 +108,10 @@ class Store:
                                 "VALUES (?, ?, 'queued', ?, ?)", (run_id, kind, data_dir, time.time()))
             return Submission(run_id, cursor.lastrowid, "queued", cached=False)
 
+    def has_queued(self) -> bool:
+        """Whether any job waits for a worker."""
+        return self.db.execute("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1").fetchone() is not None
+
     def claim_next(self, pid: int) -> sqlite3.Row | None:
         """The oldest queued job, marked running by this worker."""
         with self.write() as db:

@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import TextIO
 
 from backend.log import Log
 from backend.runs.lock import UNKNOWN, lock_holder, try_lock
@@ -98,6 +99,14 @@ class Heartbeat(threading.Thread):
         self.join()
 
 
+def let_go(root: Path, store: Store, lock: TextIO) -> TextIO | None:
+    """Release an idle worker's lock of the store, then look once more for queued jobs: a job queued before that look
+    is served by this worker (the lock taken again, which is returned), one queued after it finds no worker holding
+    the store and starts one. So no submission is left waiting on a worker that was about to exit. None: let go."""
+    lock.close()
+    return try_lock(root, attempts=10) if store.has_queued() else None
+
+
 def serve(root: Path, device: str = "auto", idle_exit: float = 60.0, log: Log | None = None) -> int:
     """Run queued jobs until the queue has stayed empty for `idle_exit` seconds. Returns the jobs run."""
     def say(message: str) -> None:
@@ -124,7 +133,11 @@ def serve(root: Path, device: str = "auto", idle_exit: float = 60.0, log: Log | 
             job = store.claim_next(os.getpid())
             if job is None:
                 if time.monotonic() - idle_since > idle_exit:
-                    return ran
+                    lock = let_go(root, store, lock)
+                    if lock is None:
+                        return ran
+                    idle_since = time.monotonic()
+                    continue
                 time.sleep(0.3)
                 continue
             job = dict(job)
@@ -149,4 +162,5 @@ def serve(root: Path, device: str = "auto", idle_exit: float = 60.0, log: Log | 
             idle_since = time.monotonic()
     finally:
         store.close()
-        lock.close()
+        if lock is not None:
+            lock.close()

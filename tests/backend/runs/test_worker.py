@@ -251,3 +251,32 @@ def test_a_refused_submission_stops_its_own_worker_but_never_someone_elses_job(t
         assert db.latest_job(queued["run_id"])["state"] == "done"
     finally:
         stop_worker(tmp_path)
+
+
+def test_a_job_queued_while_an_idle_worker_decides_to_exit_is_served(tmp_path, monkeypatch):
+    """The race a submission could lose: the worker finds the queue empty and decides to exit while it still holds
+    the store, so a submission in between sees a worker and starts none. Here a job is queued right after the
+    worker's last empty look, its lock held; the worker must still take it (its run's spec is unreadable, so it fails
+    at once: what matters is that it leaves the queue)."""
+    from backend.runs.lock import lock_holder
+    from backend.runs.worker import serve
+
+    Store(tmp_path).close()
+    claim, seen = Store.claim_next, []
+
+    def claim_then_submit(self, pid):
+        job = claim(self, pid)
+        if job is None and not seen:
+            seen.append(lock_holder(tmp_path))
+            self.db.execute("INSERT INTO runs (run_id, spec, fingerprints, model, method, sparsity, pattern, "
+                            "calibration, created_at) VALUES ('late', '{}', '{}', 'm', 'wanda', 0.5, 'unstructured', "
+                            "'c4', 0)")
+            self.db.execute("INSERT INTO jobs (run_id, kind, state, created_at) VALUES ('late', 'full', 'queued', 0)")
+        return job
+
+    monkeypatch.setattr(Store, "claim_next", claim_then_submit)
+    assert serve(tmp_path, idle_exit=0, log=lambda _m: None) == 1
+    assert seen == [os.getpid()]
+    store = Store(tmp_path)
+    assert [tuple(r) for r in store.db.execute("SELECT run_id, state FROM jobs")] == [("late", "failed")]
+    assert lock_holder(tmp_path) is None
