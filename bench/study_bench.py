@@ -210,11 +210,12 @@ def study_floor(data_dir: str, walls: dict[str, float]) -> None:
     """A lower bound of the study's seconds that keeps its numbers: the forwards it cannot do without, each timed bare
     on the dense model (a pruned model of the same shapes costs the same), and SparseGPT's reference arithmetic, timed
     inside its pruning. Per calibration: Wanda and SparseGPT each propagate its 16 x 512 tokens through the decoder
-    layers, magnitude one 512-token error sample (its weights are pruned once). Per model evaluated (the dense one and
-    the 5 distinct pruned ones): the perplexity windows with the head at every position, each JS record alone with the
-    head at its scored positions, and each task prompt alone followed by its greedy answer (the dense model's), the
-    head at the answer's positions: no decoding computes less. Left out, so the bound stays below what any
-    implementation needs: tokenizing, loading, the JS arithmetic, masks and layer errors, saving, the final check."""
+    layers, magnitude only its 512-token error sample (its masks need no calibration). Per model evaluated (the dense
+    one and the 5 distinct pruned ones): the perplexity windows with the head at every position, each JS record alone
+    with the head at its scored positions, and each task prompt alone followed by its greedy answer (the dense
+    model's), the head at the answer's positions: no decoding computes less. Left out, so the bound stays below what
+    any implementation needs: tokenizing, loading, the JS arithmetic, masks and layer errors, saving, the final check,
+    the dense model reading the pruned answers for the JS along them."""
     import torch
 
     from backend.runs.evaluate import perplexity_texts, records_of, task_prompts, template_for
