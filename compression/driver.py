@@ -86,7 +86,11 @@ def input_groups(layer: nn.Module, modules: dict[str, nn.Module], hidden: torch.
                  kwargs: dict) -> list[list[str]]:
     """Group Linears that read the very same input tensor, in call order, by running the layer on one sample; a
     Linear the probe did not call is a group of its own, last."""
-    called = called_groups(layer, modules, hidden, args, kwargs)
+    return with_uncalled(called_groups(layer, modules, hidden, args, kwargs), modules)
+
+
+def with_uncalled(called: list[list[str]], modules: dict[str, nn.Module]) -> list[list[str]]:
+    """The probed groups followed by each Linear the probe did not call, as a group of its own."""
     return called + [[n] for n in modules if all(n not in g for g in called)]
 
 
@@ -116,7 +120,7 @@ def called_groups(layer: nn.Module, modules: dict[str, nn.Module], hidden: torch
 
 
 class GroupingDiffers(RuntimeError):
-    """A layer's Linears share inputs otherwise than in the layer of its kind whose probe gave its groups."""
+    """A Linear grouped with another by a probe reads another input than it in the layer's real forward."""
 
 
 def probed_groups(probed: dict[tuple, list[list[str]]], layer: nn.Module, modules: dict[str, nn.Module],
@@ -130,7 +134,7 @@ def probed_groups(probed: dict[tuple, list[list[str]]], layer: nn.Module, module
     if key in probed and hidden.device.type == "cpu":
         return probed[key], True
     called = called_groups(layer, modules, hidden, args, kwargs)
-    groups = called + [[n] for n in modules if all(n not in g for g in called)]
+    groups = with_uncalled(called, modules)
     if sum(map(len, called)) == len(modules):
         probed[key] = groups
     return groups, False
@@ -233,10 +237,9 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, method: Method, *, 
             run = partial(LayerRun, index, layer, scope, method, at, report, clock, notify, len(layers), prefix)
             try:
                 outputs = run(groups, goals[index]).execute(hidden, args, kwargs, batch_rows, order)
-            except GroupingDiffers as differs:
+            except GroupingDiffers:
                 if not reused:
-                    raise RuntimeError(f"{differs} than its probe on one sample found: its statistics cannot be "
-                                       f"shared; exclude it") from differs
+                    raise
                 for name, w in scope.targets.items():
                     w.copy_(kept[name])
                 report.layers = [r for r in report.layers if r.layer != index]
@@ -443,8 +446,9 @@ class LayerRun:
             batch = self.lockstep.index()
             state.called[name].add(batch)
             if batch in state.read and state.read[batch] != input_key(args[0]):
-                raise GroupingDiffers(f"decoder layer {self.index}: {name} was grouped with {state.names[0]} but "
-                                      f"reads another input")
+                raise GroupingDiffers(f"decoder layer {self.index}: {name} read the same input as {state.names[0]} "
+                                      f"in a probe but reads another one here: their statistics cannot be shared; "
+                                      f"exclude {name}")
         return hook
 
     def experts_observer(self, path: str):

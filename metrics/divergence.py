@@ -221,7 +221,8 @@ def answer_divergence(dense: torch.nn.Module, pruned: torch.nn.Module, prompts: 
 
 
 def _batched(order: list[int], counts: list[int], rows_of: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
-             batch_size: int, log2: bool, chunk: int | None, progress: Callable[[int, int], None] | None) -> DivergenceResult:
+             batch_size: int, log2: bool, chunk: int | None,
+             progress: Callable[[int, int], None] | None) -> DivergenceResult:
     """Divergences of the samples taken `batch_size` at a time in `order`; `rows_of(batch)` gives the dense and pruned
     logits of the batch's samples that have scored positions (`counts` of them each), concatenated in its order."""
     if batch_size < 1:
