@@ -171,12 +171,21 @@ def test_a_damaged_pruned_model_is_found_and_rebuilt(store, first, tmp_path):
 
 
 def test_cancel_stops_a_queued_run(store, first, tiny_folder):
-    queued = cli(store, *run_args(tiny_folder, "wanda", "--seed", "7"), "--detach")
-    cancelled = cli(store, "cancel", queued["run_id"])
-    assert cancelled["state"] in ("cancelled", "cancelling")
-    final = wait_for(lambda: (j := Store(store).latest_job(queued["run_id"]))["state"] not in ("queued", "running")
-                     and j, step=0.2)
-    assert final["state"] == "cancelled"
+    """The store's worker lock is held here, so the submission starts no worker and its job stays queued however fast
+    a tiny job would run (a worker could otherwise finish it before `cancel` starts)."""
+    from backend.runs.lock import try_lock
+
+    stop_worker(store)
+    lock = try_lock(store, attempts=150)
+    assert lock is not None
+    try:
+        queued = cli(store, *run_args(tiny_folder, "wanda", "--seed", "7"), "--detach")
+        assert Store(store).latest_job(queued["run_id"])["state"] == "queued"
+        assert cli(store, "cancel", queued["run_id"])["state"] == "cancelled"
+    finally:
+        lock.close()
+    final = Store(store).latest_job(queued["run_id"])
+    assert (final["state"], final["message"]) == ("cancelled", "cancelled before it started")
 
 
 def test_bad_specs_and_unknown_runs_are_one_line_errors(store, tiny_folder):
