@@ -9,7 +9,8 @@ summed over the study's jobs (from the store's job timings), and new/old ratios;
 same numbers; then, on this commit: propagation tokens/s inside pruning against the raw forward of the same decoder
 layers on the same tokens, and greedy generation of 64 Unnatural answers against one prompt at a time; then the
 study's floor: the seconds of the forwards it cannot do without and of SparseGPT's reference arithmetic, each timed
-bare, against the old study's time when the study part ran.
+bare, and of the rest of the work its numbers and artifacts need (saving, the final check, layer errors, masks, the
+dense model reading the pruned answers, starting a worker), against the old study's time when the study part ran.
 
     python bench/study_bench.py --old COMMIT [COMMIT ...] [--rounds 1] [--only study propagation generation floor]
 """
@@ -215,7 +216,8 @@ def study_floor(data_dir: str, walls: dict[str, float]) -> None:
     with the head at its scored positions, and each task prompt alone followed by its greedy answer (the dense
     model's), the head at the answer's positions: no decoding computes less. Left out, so the bound stays below what
     any implementation needs: tokenizing, loading, the JS arithmetic, masks and layer errors, saving, the final check,
-    the dense model reading the pruned answers for the JS along them."""
+    the dense model reading the pruned answers for the JS along them. Most of those are then timed bare as well
+    (`required_work`), for a second bound: what the study's numbers and artifacts need at the least."""
     import torch
 
     from backend.runs.evaluate import perplexity_texts, records_of, task_prompts, template_for
@@ -282,6 +284,7 @@ def study_floor(data_dir: str, walls: dict[str, float]) -> None:
         parts[f"task answers: {sum(map(len, encoded))} prompt + {sum(map(len, answers))} answer tokens, "
               f"x {models} models"] = models * timed(
             lambda: [head(head_inputs(model, torch.tensor([p + a]))[0, len(p) - 1:]) for p, a in zip(encoded, answers)])
+        required = required_work(lm, data_dir, encoded, answers, timed)
     floor = sum(parts.values())
     print("\nthe study's floor (bare forwards and SparseGPT's reference arithmetic, nothing else):")
     for name, seconds in parts.items():
@@ -293,6 +296,97 @@ def study_floor(data_dir: str, walls: dict[str, float]) -> None:
         else:
             print(f"  old {name[:10]} ({wall:.1f} s): the floor is {floor / wall:.2f}x of it; 0.5x ({wall / 2:.1f} s) "
                   f"leaves {wall / 2 - floor:.1f} s for everything the floor leaves out")
+    bound = floor + sum(required.values())
+    print("\nwhat the study must also do, each timed bare (what its numbers and artifacts need beyond the floor):")
+    for name, seconds in required.items():
+        print(f"  {name}: {seconds:.1f} s")
+    print(f"  total: {sum(required.values()):.1f} s; with the floor: {bound:.1f} s")
+    for name, wall in walls.items():
+        if name == "new":
+            print(f"  the new study ({wall:.1f} s) spends {wall - bound:.1f} s beyond both")
+        else:
+            print(f"  old {name[:10]} ({wall:.1f} s): floor and required work are {bound / wall:.2f}x of it")
+
+
+def required_work(lm, data_dir: str, prompts: list[list[int]], answers: list[list[int]], timed) -> dict[str, float]:
+    """Seconds of the work the study needs beyond its floor, each part timed bare on the dense model, counted as
+    often as the study needs it at the least: the dense model reading each pruned answer after its prompt (for the
+    JS along it; one at a time or 8 at a time as the study does, the faster; the prompts' caches are left out, as
+    the dense model's own answers could leave them), writing each distinct pruned model (safetensors, fsync, sha256 read back),
+    each run's final check (the model's own forward on one 512-token sample), each run's per-matrix errors (dense
+    and pruned outputs of every matrix on 256 tokens), the masks (exact selection: Wanda per row per calibration,
+    magnitude per matrix once), and one process that starts and loads the model."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_model
+    from transformers import DynamicCache
+
+    from compression.driver import decoder_layers
+    from compression.masks import per_matrix_mask, per_row_mask
+    from compression.scope import layer_scope
+    from metrics.divergence import _continuation_rows
+    from metrics.heads import head_inputs
+
+    model, runs, pruned_models = lm.model, 6, 5
+    head = model.get_output_embeddings()
+    parts: dict[str, float] = {}
+    caches = []
+
+    def read_prompts() -> None:
+        for prompt in prompts:
+            cache = DynamicCache(config=model.config)
+            head_inputs(model, torch.tensor([prompt[:-1]]), use_cache=True, past_key_values=cache)
+            caches.append(cache)
+
+    def read_answers() -> None:
+        for prompt, answer, cache in zip(prompts, answers, caches):
+            ids = torch.tensor([prompt[-1:] + answer[:-1]])
+            head(head_inputs(model, ids, use_cache=True, past_key_values=cache)[0])
+            cache.crop(-len(answer))
+
+    memo: dict = {}
+
+    def read_batched() -> None:
+        for start in range(0, len(prompts), 8):
+            _continuation_rows(model, prompts[start:start + 8], answers[start:start + 8], True, memo)
+
+    with torch.no_grad():
+        read_prompts()
+        read_batched()
+        parts[f"dense model reading the pruned answers (prompts cached), x {pruned_models} models"] = (
+            pruned_models * min(timed(read_answers), timed(read_batched)))
+        folder = Path(tempfile.mkdtemp(prefix="prunescope-floor-"))
+        try:
+            def write() -> None:
+                path = folder / "model.safetensors"
+                save_model(model, str(path))
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+                    hashlib.file_digest(handle, "sha256")
+
+            parts[f"writing a pruned model, x {pruned_models}"] = pruned_models * min(timed(write) for _ in range(2))
+        finally:
+            subprocess.run(["rm", "-rf", str(folder)])
+        sample = torch.randint(0, model.config.vocab_size, (1, 512))
+        parts[f"final check (own forward, 1 x 512 tokens), x {runs} runs"] = runs * timed(
+            lambda: model.model(input_ids=sample, use_cache=False))
+        prefix, layers = decoder_layers(model)
+        weights = [w for i, layer in enumerate(layers)
+                   for w in layer_scope(layer, None, None, f"{prefix}.{i}").targets.values()]
+        inputs = {d: torch.randn(256, d) for d in {w.shape[1] for w in weights}}
+        parts[f"per-matrix errors (256 tokens), x {runs} runs"] = runs * timed(
+            lambda: [(inputs[w.shape[1]] @ w.t(), inputs[w.shape[1]] @ w.t()) for w in weights])
+        norms = {d: torch.rand(d) for d in inputs}
+        parts["masks: Wanda per row x 2 calibrations, magnitude per matrix once"] = 2 * timed(
+            lambda: [per_row_mask(w.abs() * norms[w.shape[1]], 0.5) for w in weights]) + timed(
+            lambda: [per_matrix_mask(w.abs(), 0.5) for w in weights])
+    start = [sys.executable, "-c", "import backend.runs.worker; from backend.sources.models import load; "
+                                   "load('smollm2-135m', 'cpu', 'float32')"]
+    parts["a process that starts and loads the model, once"] = timed(
+        lambda: subprocess.run(start, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                               check=True))
+    return parts
 
 
 def report(sides: dict[str, list[dict]], old: str) -> None:
