@@ -119,7 +119,7 @@ def main() -> None:
         print()
         for name, result in results.items():
             print(f"{name}: {result['placement']['reason']}")
-            print(f"    stages: " + "  ".join(f"{k} {v:.1f}s" for k, v in result["stages"].items()))
+            print("    stages: " + "  ".join(f"{k} {v:.1f}s" for k, v in result["stages"].items()))
     finally:
         if made:
             shutil.rmtree(args.work, ignore_errors=True)

@@ -12,9 +12,9 @@ from backend.sources.models import (
     check_fits,
     load,
     parse_max_memory,
-    plan_placement,
     pick_device,
     pick_dtype,
+    plan_placement,
     resolve,
 )
 from compression.memory import dimensions
