@@ -284,48 +284,50 @@ def study_floor(data_dir: str, walls: dict[str, float]) -> None:
         parts[f"task answers: {sum(map(len, encoded))} prompt + {sum(map(len, answers))} answer tokens, "
               f"x {models} models"] = models * timed(
             lambda: [head(head_inputs(model, torch.tensor([p + a]))[0, len(p) - 1:]) for p, a in zip(encoded, answers)])
-        required = required_work(lm, data_dir, encoded, answers, timed)
+        required = required_work(lm, data_dir, encoded, answers, sum(int(m.sum()) for m in scored), timed)
     floor = sum(parts.values())
-    print("\nthe study's floor (bare forwards and SparseGPT's reference arithmetic, nothing else):")
+    show("the study's floor (bare forwards and SparseGPT's reference arithmetic, nothing else):", parts, floor, walls,
+         "the floor")
+    show("what the study must also do, each timed bare (what its numbers and artifacts need beyond the floor):",
+         required, floor + sum(required.values()), walls, "the floor with required work")
+
+
+def show(title: str, parts: dict[str, float], bound: float, walls: dict[str, float], what: str) -> None:
+    """Print a bound's parts and total, then each study's wall seconds against the bound (`what` names it)."""
+    print(f"\n{title}")
     for name, seconds in parts.items():
         print(f"  {name}: {seconds:.1f} s")
-    print(f"  total: {floor:.1f} s")
+    total = sum(parts.values())
+    print(f"  total: {total:.1f} s" + ("" if bound == total else f"; with the floor: {bound:.1f} s"))
     for name, wall in walls.items():
         if name == "new":
-            print(f"  the new study ({wall:.1f} s) spends {wall - floor:.1f} s beyond it")
+            print(f"  the new study ({wall:.1f} s) spends {wall - bound:.1f} s beyond {what}")
         else:
-            print(f"  old {name[:10]} ({wall:.1f} s): the floor is {floor / wall:.2f}x of it; 0.5x ({wall / 2:.1f} s) "
-                  f"leaves {wall / 2 - floor:.1f} s for everything the floor leaves out")
-    bound = floor + sum(required.values())
-    print("\nwhat the study must also do, each timed bare (what its numbers and artifacts need beyond the floor):")
-    for name, seconds in required.items():
-        print(f"  {name}: {seconds:.1f} s")
-    print(f"  total: {sum(required.values()):.1f} s; with the floor: {bound:.1f} s")
-    for name, wall in walls.items():
-        if name == "new":
-            print(f"  the new study ({wall:.1f} s) spends {wall - bound:.1f} s beyond both")
-        else:
-            print(f"  old {name[:10]} ({wall:.1f} s): floor and required work are {bound / wall:.2f}x of it")
+            print(f"  old {name[:10]} ({wall:.1f} s): {what} is {bound / wall:.2f}x of it; 0.5x ({wall / 2:.1f} s) "
+                  f"leaves {wall / 2 - bound:+.1f} s beyond {what}")
 
 
-def required_work(lm, data_dir: str, prompts: list[list[int]], answers: list[list[int]], timed) -> dict[str, float]:
+def required_work(lm, data_dir: str, prompts: list[list[int]], answers: list[list[int]], scored: int,
+                  timed) -> dict[str, float]:
     """Seconds of the work the study needs beyond its floor, each part timed bare on the dense model, counted as
     often as the study needs it at the least: the dense model reading each pruned answer after its prompt (for the
     JS along it; one at a time or 8 at a time as the study does, the faster; the prompts' caches are left out, as
-    the dense model's own answers could leave them), writing each distinct pruned model (safetensors, fsync, sha256 read back),
-    each run's final check (the model's own forward on one 512-token sample), each run's per-matrix errors (dense
-    and pruned outputs of every matrix on 256 tokens), the masks (exact selection: Wanda per row per calibration,
-    magnitude per matrix once), and one process that starts and loads the model."""
+    the dense model's own answers could leave them), writing each distinct pruned model (safetensors, fsync, sha256
+    read back), each run's final check (the model's own forward on one 512-token sample), each run's per-matrix
+    errors (dense and pruned outputs of every matrix on 256 tokens), the masks (exact selection: Wanda per row per
+    calibration, magnitude per matrix once), the JS arithmetic at every scored position, tokenizing each calibration
+    source once, and one process that starts and loads the model."""
     import hashlib
 
     import torch
     from safetensors.torch import save_model
     from transformers import DynamicCache
 
+    from backend.sources.calibration import build_calibration, open_source
     from compression.driver import decoder_layers
     from compression.masks import per_matrix_mask, per_row_mask
     from compression.scope import layer_scope
-    from metrics.divergence import _continuation_rows
+    from metrics.divergence import _continuation_rows, divergence_from_logits
     from metrics.heads import head_inputs
 
     model, runs, pruned_models = lm.model, 6, 5
@@ -381,6 +383,15 @@ def required_work(lm, data_dir: str, prompts: list[list[int]], answers: list[lis
         parts["masks: Wanda per row x 2 calibrations, magnitude per matrix once"] = 2 * timed(
             lambda: [per_row_mask(w.abs() * norms[w.shape[1]], 0.5) for w in weights]) + timed(
             lambda: [per_matrix_mask(w.abs(), 0.5) for w in weights])
+        vocab = head.weight.shape[0]
+        rows = [torch.randn(scored, vocab) for _ in range(2)] + [torch.randn(sum(map(len, answers)), vocab)
+                                                                 for _ in range(2)]
+        parts[f"JS arithmetic at {scored} record + {sum(map(len, answers))} answer positions, x {pruned_models} "
+              f"models"] = pruned_models * timed(lambda: (divergence_from_logits(*rows[:2]),
+                                                          divergence_from_logits(*rows[2:])))
+        parts["tokenizing the calibration, once per source"] = sum(timed(
+            lambda: build_calibration(open_source(source, data_dir), model, lm.tokenizer, 16, 512, 0, "alpaca"))
+            for source in ("c4", "alpaca"))
     start = [sys.executable, "-c", "import backend.runs.worker; from backend.sources.models import load; "
                                    "load('smollm2-135m', 'cpu', 'float32')"]
     parts["a process that starts and loads the model, once"] = timed(
