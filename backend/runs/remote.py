@@ -4,13 +4,14 @@ store (one SQLite file on the head) is written by the dispatcher alone."""
 
 from __future__ import annotations
 
+import fcntl
 import queue
 import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 from backend.runs.locations import is_url, upload
 from backend.runs.progress import measured_rates
@@ -43,6 +44,41 @@ def snapshot(store: Store, job: dict, artifacts: str | None = None) -> Snapshot:
                     str(artifacts or store.root / "runs"))
 
 
+STAGING = "prunescope-staging-"
+STAGING_LOCK = ".held"
+
+
+def staging_folder(parent: Path | None = None) -> tuple[Path, IO]:
+    """A new staging folder in the temp dir and the open file that locks it while this process lives (the kernel lets
+    go of it however the process ends). The folder gets its name only once locked, so `clear_left_staging` never
+    takes a live task's folder for a dead one's."""
+    parent = Path(parent or tempfile.gettempdir())
+    making = Path(tempfile.mkdtemp(prefix="prunescope-making-", dir=parent))
+    handle = open(making / STAGING_LOCK, "a+")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    folder = parent / f"{STAGING}{making.name.removeprefix('prunescope-making-')}"
+    making.rename(folder)
+    return folder, handle
+
+
+def clear_left_staging(parent: Path | None = None) -> list[Path]:
+    """Remove the staging folders of tasks that died on this node (a killed Ray task cannot clean up after itself,
+    and what it staged may be a whole pruned model); a folder whose lock is held, or that has no lock, is left."""
+    removed = []
+    for folder in sorted(Path(parent or tempfile.gettempdir()).glob(f"{STAGING}*")):
+        lock = folder / STAGING_LOCK
+        if folder.is_symlink() or not lock.is_file():
+            continue
+        with open(lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 @dataclass
 class RecordingStore:
     """The store as a remote job sees it: reads come from the snapshot, progress goes out as it happens, and the
@@ -52,6 +88,7 @@ class RecordingStore:
     emit: Callable[[tuple], None]
     writes: list[tuple] = field(default_factory=list)
     staging: Path | None = None
+    staging_lock: IO | None = field(default=None, repr=False)
     root = None  # no key server here: a judge endpoint that needs a typed key runs on the local executor
 
     def spec(self, run_id: str) -> RunSpec:
@@ -72,7 +109,7 @@ class RecordingStore:
         if not is_url(self.snap.artifacts):
             return Path(self.snap.artifacts) / run_id
         if self.staging is None:
-            self.staging = Path(tempfile.mkdtemp(prefix="prunescope-staging-"))
+            self.staging, self.staging_lock = staging_folder()
         return self.staging / run_id
 
     def progress(self, job_id: int, *report) -> bool:
@@ -106,6 +143,7 @@ def run_job(snap: Snapshot, device: str = "auto") -> Iterator[dict]:
     overall, left)} and {'log': line} as the job goes, then {'writes': [...]}; the job's error is raised."""
     from backend.runs.jobs import ModelCache, execute
 
+    clear_left_staging()
     events: queue.Queue = queue.Queue()
     store = RecordingStore(snap, events.put)
     failed: list[BaseException] = []
@@ -129,6 +167,7 @@ def run_job(snap: Snapshot, device: str = "auto") -> Iterator[dict]:
     finally:
         if store.staging is not None:
             shutil.rmtree(store.staging, ignore_errors=True)
+            store.staging_lock.close()
     if failed:
         raise failed[0]
     yield {"writes": store.writes}
