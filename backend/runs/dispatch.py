@@ -16,7 +16,7 @@ from pathlib import Path
 
 from backend.log import Log
 from backend.runs.lock import try_lock
-from backend.runs.remote import snapshot
+from backend.runs.remote import clear_left_staging, snapshot
 from backend.runs.store import Store
 from backend.runs.worker import Heartbeat, let_go
 
@@ -235,6 +235,7 @@ def serve_ray(root: Path, address: str | None = None, device: str = "auto", idle
             end(item, "interrupted", "the dispatcher stopped during this job; submit the run again to redo it")
         if started_ray:
             ray.shutdown()
+        clear_left_staging()  # what tasks killed on this node (a cancel is a kill) left staged
         store.close()
         if lock is not None:
             lock.close()
