@@ -219,6 +219,7 @@ def study_floor(data_dir: str, walls: dict[str, float]) -> None:
     the dense model reading the pruned answers for the JS along them. Most of those are then timed bare as well
     (`required_work`), for a second bound: what the study's numbers and artifacts need at the least."""
     import torch
+    from metrics_bench import timed
 
     from backend.runs.evaluate import perplexity_texts, records_of, task_prompts, template_for
     from backend.runs.spec import EvalSettings
@@ -241,11 +242,6 @@ def study_floor(data_dir: str, walls: dict[str, float]) -> None:
                             max_new_tokens=32)
     models = 6
     parts: dict[str, float] = defaultdict(float)
-
-    def timed(fn) -> float:
-        started = time.perf_counter()
-        fn()
-        return time.perf_counter() - started
 
     with torch.no_grad():
         for source in ("c4", "alpaca"):
@@ -284,7 +280,7 @@ def study_floor(data_dir: str, walls: dict[str, float]) -> None:
         parts[f"task answers: {sum(map(len, encoded))} prompt + {sum(map(len, answers))} answer tokens, "
               f"x {models} models"] = models * timed(
             lambda: [head(head_inputs(model, torch.tensor([p + a]))[0, len(p) - 1:]) for p, a in zip(encoded, answers)])
-        required = required_work(lm, data_dir, encoded, answers, sum(int(m.sum()) for m in scored), timed)
+        required = required_work(lm, data_dir, encoded, answers, sum(int(m.sum()) for m in scored))
     floor = sum(parts.values())
     show("the study's floor (bare forwards and SparseGPT's reference arithmetic, nothing else):", parts, floor, walls,
          "the floor")
@@ -307,8 +303,8 @@ def show(title: str, parts: dict[str, float], bound: float, walls: dict[str, flo
                   f"leaves {wall / 2 - bound:+.1f} s beyond {what}")
 
 
-def required_work(lm, data_dir: str, prompts: list[list[int]], answers: list[list[int]], scored: int,
-                  timed) -> dict[str, float]:
+def required_work(lm, data_dir: str, prompts: list[list[int]], answers: list[list[int]],
+                  scored: int) -> dict[str, float]:
     """Seconds of the work the study needs beyond its floor, each part timed bare on the dense model, counted as
     often as the study needs it at the least: the dense model reading each pruned answer after its prompt (for the
     JS along it; one at a time or 8 at a time as the study does, the faster; the prompts' caches are left out, as
@@ -320,6 +316,7 @@ def required_work(lm, data_dir: str, prompts: list[list[int]], answers: list[lis
     import hashlib
 
     import torch
+    from metrics_bench import timed
     from safetensors.torch import save_model
     from transformers import DynamicCache
 
