@@ -13,11 +13,12 @@ LOCK_NAME = "worker.lock"
 UNKNOWN = -1
 
 
-def try_lock(root: Path, attempts: int = 1, wait_s: float = 0.2):
-    """The lock of a store (an open file holding it, with this pid written in), or None when another process
-    holds it. A probe by another process holds it for an instant, so a starting worker tries a few times."""
+def try_lock(root: Path, attempts: int = 1, wait_s: float = 0.2, name: str = LOCK_NAME):
+    """The lock of a store (or the lock file `name` in the folder `root`): an open file holding it, with this pid
+    written in, or None when another process holds it. A probe by another process holds it for an instant, so a
+    starting worker tries a few times."""
     for attempt in range(attempts):
-        handle = open(Path(root) / LOCK_NAME, "a+")
+        handle = open(Path(root) / name, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -33,10 +34,10 @@ def try_lock(root: Path, attempts: int = 1, wait_s: float = 0.2):
     return None
 
 
-def lock_holder(root: Path) -> int | None:
-    """The pid of the worker holding the store's lock (UNKNOWN while it is still writing it), or None when no
-    live process holds it."""
-    path = Path(root) / LOCK_NAME
+def lock_holder(root: Path, name: str = LOCK_NAME) -> int | None:
+    """The pid of the worker holding the store's lock (or the lock file `name` in the folder `root`; UNKNOWN while
+    it is still writing it), or None when no live process holds it."""
+    path = Path(root) / name
     if not path.is_file():
         return None
     with open(path) as handle:

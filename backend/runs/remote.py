@@ -4,7 +4,6 @@ store (one SQLite file on the head) is written by the dispatcher alone."""
 
 from __future__ import annotations
 
-import fcntl
 import queue
 import shutil
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from backend.runs.locations import is_url, upload
+from backend.runs.lock import lock_holder, try_lock
 from backend.runs.progress import measured_rates
 from backend.runs.spec import RunSpec, dense_key
 from backend.runs.store import Store
@@ -45,6 +45,7 @@ def snapshot(store: Store, job: dict, artifacts: str | None = None) -> Snapshot:
 
 
 STAGING = "prunescope-staging-"
+MAKING = "prunescope-making-"
 STAGING_LOCK = ".held"
 
 
@@ -53,10 +54,9 @@ def staging_folder(parent: Path | None = None) -> tuple[Path, IO]:
     go of it however the process ends). The folder gets its name only once locked, so `clear_left_staging` never
     takes a live task's folder for a dead one's."""
     parent = Path(parent or tempfile.gettempdir())
-    making = Path(tempfile.mkdtemp(prefix="prunescope-making-", dir=parent))
-    handle = open(making / STAGING_LOCK, "a+")
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    folder = parent / f"{STAGING}{making.name.removeprefix('prunescope-making-')}"
+    making = Path(tempfile.mkdtemp(prefix=MAKING, dir=parent))
+    handle = try_lock(making, name=STAGING_LOCK)  # a new folder: no other process holds its lock
+    folder = parent / f"{STAGING}{making.name.removeprefix(MAKING)}"
     making.rename(folder)
     return folder, handle
 
@@ -66,15 +66,11 @@ def clear_left_staging(parent: Path | None = None) -> list[Path]:
     and what it staged may be a whole pruned model); a folder whose lock is held, or that has no lock, is left."""
     removed = []
     for folder in sorted(Path(parent or tempfile.gettempdir()).glob(f"{STAGING}*")):
-        lock = folder / STAGING_LOCK
-        if folder.is_symlink() or not lock.is_file():
+        if folder.is_symlink() or not (folder / STAGING_LOCK).is_file():
             continue
-        with open(lock, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
+        if lock_holder(folder, STAGING_LOCK) is not None:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
 
